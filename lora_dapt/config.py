@@ -1,0 +1,681 @@
+"""Configuration: one dataclass per concern, and :class:`RunConfig` holding them all.
+
+Every field has a docstring (the string right below it), which ``lora-dapt --help`` and
+:func:`describe_config` show. Choices are ``Literal`` types. Values are checked when an object is built:
+unknown keys, wrong types and impossible values are collected and raised together as one
+:class:`~lora_dapt.errors.ConfigError` whose lines name the key, the value given and what is allowed, e.g.::
+
+    invalid configuration (2 problems):
+      - adapter.r = 0: must be > 0 (a LoRA rank such as 8, 16 or 64)
+      - train.lerning_rate: unknown key; did you mean 'learning_rate'?
+
+YAML is read with ``yaml.safe_load`` only (no Python objects from strangers' files).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generic machinery: type checks, unknown keys, field docs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, coerced value) for ``value`` against type hint ``tp``.
+
+    Lenient where a YAML user would expect it: ``1e-4`` (which YAML 1.1 reads as a string) becomes a float,
+    an int is accepted for a float, a single string for a list of strings.
+    """
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            return (type(None) in args), None
+        for a in args:  # an exact match wins: "all-linear" stays a str for `str | list[str]`
+            if isinstance(a, type) and typing.get_origin(a) is None and type(value) is a:
+                return True, value
+        # try non-str alternatives first so "5" can become 5 for int | str only when str is not an option
+        for a in sorted(args, key=lambda a: a is str):
+            if a is type(None):
+                continue
+            ok, v = _coerce(value, a)
+            if ok:
+                return True, v
+        return False, value
+    if origin is Literal:
+        return (value in typing.get_args(tp)), value
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, (str, Path)) and inner in (str, Any):
+            return True, [str(value)]
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        out = []
+        for item in value:
+            ok, v = _coerce(item, inner)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return False, value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        if isinstance(value, Path):
+            return True, str(value)
+        return isinstance(value, str), value
+    if tp is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, tp), value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=False)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of a config dataclass to the docstring written under it in the source."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):  # pragma: no cover - source not available (frozen app)
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+class _Section:
+    """Mixin for config dataclasses: build from a dict with checks, check values, dump to a dict."""
+
+    _section = ""  # name of this section inside RunConfig, used in error messages
+
+    def __post_init__(self) -> None:
+        problems = self._type_problems()
+        try:
+            problems += self.problems()
+        except TypeError:  # a value check met a value of the wrong type, already reported above
+            pass
+        if problems:
+            raise ConfigError(problems)
+
+    # -- checks ------------------------------------------------------------------------------------------
+    def _key(self, name: str) -> str:
+        return f"{self._section}.{name}" if self._section else name
+
+    def _type_problems(self) -> list[str]:
+        out = []
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            value = getattr(self, f.name)
+            ok, coerced = _coerce(value, hints[f.name])
+            if ok:
+                object.__setattr__(self, f.name, coerced)
+            else:
+                out.append(f"{self._key(f.name)} = {value!r}: expected {_type_name(hints[f.name])}")
+        return out
+
+    def problems(self) -> list[str]:
+        """Value checks beyond types; each subclass lists its own. Returns readable problem lines."""
+        return []
+
+    def _check(self, out: list[str], cond: bool, name: str, allowed: str) -> None:
+        if not cond:
+            out.append(f"{self._key(name)} = {getattr(self, name)!r}: {allowed}")
+
+    # -- dict / YAML -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Any:
+        """Build from a plain dict, naming unknown keys (with a suggestion) and every bad value at once."""
+        data = dict(data or {})
+        names = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+        prefix = f"{cls._section}." if cls._section else ""
+        problems = []
+        for key in list(data):
+            if key not in names:
+                guess = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean '{guess[0]}'?" if guess else f"; known keys: {', '.join(names)}"
+                problems.append(f"{prefix}{key}: unknown key{hint}")
+                del data[key]
+        try:
+            obj = cls(**data)
+        except ConfigError as e:
+            raise ConfigError(problems + e.problems) from None
+        except TypeError as e:  # a required field is missing
+            raise ConfigError(problems + [f"{prefix.rstrip('.') or cls.__name__}: {e}"]) from None
+        if problems:
+            raise ConfigError(problems)
+        return obj
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.name.startswith("_")
+        }
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with some fields changed (checked like the original)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Section):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _positive(x: float | int | None) -> bool:
+    return x is None or (isinstance(x, (int, float)) and x > 0 and math.isfinite(x))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig(_Section):
+    """Which base model to load and how to quantize it."""
+
+    _section = "model"
+
+    name_or_path: str = ""
+    """Local directory of a Hugging Face model, a hub id (needs network), or a directory holding a GGUF file."""
+    gguf_file: str | None = None
+    """File name of a GGUF checkpoint inside ``name_or_path`` (weights are dequantized, then re-quantized)."""
+    quantization: Quantization = "nf4"
+    """Base weights: 'nf4' (QLoRA), 'fp4', 'int8' (bitsandbytes) or 'none' (16-bit LoRA)."""
+    compute_dtype: DType = "auto"
+    """Dtype of the matmuls: 'auto' picks bfloat16 where the device supports it, else float16 (CUDA) or float32."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (saves about 0.4 bit per parameter)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a model repository. Off: turn on only for repositories you trust."""
+    attn_implementation: str | None = None
+    """Attention kernel ('sdpa', 'eager', 'flash_attention_2'); None lets lora_dapt pick one that keeps packed
+    documents apart."""
+    device: str = "auto"
+    """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        return out
+
+
+@dataclass
+class AdapterConfig(_Section):
+    """The LoRA adapter attached to the base model."""
+
+    _section = "adapter"
+
+    r: int = 16
+    """LoRA rank: the size of the low-rank update; 8-64 is usual, higher learns more and costs more memory."""
+    alpha: float = 32
+    """LoRA scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input, in [0, 1)."""
+    target_modules: str | list[str] = "all-linear"
+    """'all-linear' (every linear layer but the output head) or a list of module names such as
+    ['q_proj', 'v_proj']."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha/sqrt(r), which keeps high ranks learning."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): slower, sometimes better at low rank."""
+    train_embeddings: bool = False
+    """Also train the input embeddings and the output head in full (new vocabulary, very different domains).
+    Tied weights stay tied."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: much less memory for about 30% more compute."""
+    init_lora_weights: bool = True
+    """True: B starts at zero, so the adapter starts as a no-op (standard). False: random (for tests)."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        self._check(out, isinstance(self.r, int) and self.r > 0, "r", "must be > 0 (a LoRA rank such as 8, 16 or 64)")
+        self._check(out, _positive(self.alpha), "alpha", "must be > 0 (commonly 2 x r)")
+        self._check(out, 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            out.append(
+                f"adapter.target_modules = {self.target_modules!r}: use 'all-linear' or a list of module names"
+            )
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            out.append("adapter.target_modules = []: give at least one module name, or 'all-linear'")
+        return out
+
+
+@dataclass
+class DataConfig(_Section):
+    """The domain corpus: where it is, how it is cleaned, split and packed."""
+
+    _section = "data"
+
+    sources: list[str] = field(default_factory=list)
+    """Files, globs or directories (.txt .md .rst .jsonl .json .parquet .csv)."""
+    text_field: str = "text"
+    """Column holding the text in .jsonl/.json/.parquet/.csv files and datasets."""
+    seq_len: int = 1024
+    """Tokens per training block. Longer documents are cut into pieces, never truncated."""
+    eval_fraction: float = 0.05
+    """Fraction of documents (not blocks) held out for evaluation, in [0, 1)."""
+    eval_sources: list[str] = field(default_factory=list)
+    """Explicit held-out files; when given, eval_fraction is not used."""
+    seed: int = 42
+    """Seed of the train/eval split and of the replay mix."""
+    normalize: bool = True
+    """Unicode NFC normalisation, unified line endings, trailing spaces stripped."""
+    min_chars: int = 1
+    """Documents shorter than this (after cleaning) are dropped and counted."""
+    dedupe: bool = True
+    """Drop exact duplicate documents (counted)."""
+    near_dedupe: bool = False
+    """Drop near-duplicate documents with MinHash (counted)."""
+    near_dedupe_threshold: float = 0.85
+    """Estimated Jaccard similarity above which two documents count as near duplicates, in (0, 1]."""
+    replay_sources: list[str] = field(default_factory=list)
+    """General-domain text mixed into training to limit forgetting."""
+    replay_fraction: float = 0.0
+    """Fraction of training tokens that come from replay_sources, in [0, 1)."""
+    num_proc: int = 1
+    """Processes used to tokenize."""
+    cache_dir: str | None = None
+    """Where prepared data is cached (default: the datasets cache)."""
+    add_bos: bool | None = None
+    """Put BOS before each document; None follows the tokenizer (and the model's config)."""
+    add_eos: bool = True
+    """Put EOS after each document so the model learns where documents end."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        self._check(out, self.seq_len >= 2, "seq_len", "must be >= 2 (a block needs an input and a target)")
+        self._check(out, 0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
+        self._check(out, 0 <= self.replay_fraction < 1, "replay_fraction", "must be in [0, 1)")
+        self._check(out, self.min_chars >= 0, "min_chars", "must be >= 0")
+        self._check(out, 0 < self.near_dedupe_threshold <= 1, "near_dedupe_threshold", "must be in (0, 1]")
+        self._check(out, self.num_proc >= 1, "num_proc", "must be >= 1")
+        if self.replay_fraction > 0 and not self.replay_sources:
+            out.append(
+                f"data.replay_fraction = {self.replay_fraction}: needs data.replay_sources "
+                "(general text to mix in), or set it to 0"
+            )
+        return out
+
+
+Scheduler = Literal["cosine", "linear", "constant", "wsd"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+@dataclass
+class TrainConfig(_Section):
+    """How long and how to train."""
+
+    _section = "train"
+
+    output_dir: str = "runs/dapt"
+    """Run directory: config.yaml, metrics.jsonl, adapter/, tokenizer, checkpoints/."""
+    learning_rate: float = 2e-4
+    """Peak learning rate of the LoRA weights."""
+    embedding_learning_rate: float | None = None
+    """Learning rate of fully trained embeddings / lm_head (train_embeddings); default learning_rate / 10."""
+    scheduler: Scheduler = "cosine"
+    """'cosine', 'linear', 'constant' or 'wsd' (warmup-stable-decay), each after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps (takes precedence over warmup_ratio when > 0)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total optimizer steps, in [0, 1)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak, in [0, 1] (cosine, linear, wsd)."""
+    decay_ratio: float = 0.2
+    """wsd only: fraction of the steps spent decaying at the end, in (0, 1]."""
+    batch_size: int = 1
+    """Blocks per device per micro-step."""
+    gradient_accumulation_steps: int = 8
+    """Micro-steps per optimizer step; tokens per step = batch_size x accumulation x seq_len."""
+    max_steps: int | None = None
+    """Optimizer steps to run. Exactly one of max_steps, epochs, max_tokens decides the length (max_steps
+    first); with none of them, 1 epoch."""
+    epochs: float | None = None
+    """Passes over the training blocks."""
+    max_tokens: int | None = None
+    """Training tokens to consume (rounded up to whole optimizer steps)."""
+    optimizer: Optimizer = "adamw"
+    """'adamw' (torch), 'adamw_8bit' / 'paged_adamw_8bit' (bitsandbytes, CUDA only) or 'sgd'."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, >= 0."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; null turns clipping off."""
+    seed: int = 42
+    """Seed of the adapter init, dropout and data order."""
+    precision: Precision = "auto"
+    """'auto' follows the model's compute dtype; 'bf16', 'fp16' (with loss scaling) or 'fp32'."""
+    logging_every: int = 1
+    """Write a metrics row every this many optimizer steps."""
+    save_every: int = 0
+    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    eval_every: int = 0
+    """Evaluate the held-out loss every this many steps (0: only before and after)."""
+    save_total_limit: int = 2
+    """Keep this many most recent checkpoints."""
+    resume_from: str | None = None
+    """'latest' (the newest complete checkpoint in output_dir) or a checkpoint directory."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss or gradient: 'stop' the run with a report, or 'skip' that update."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        self._check(out, _positive(self.learning_rate), "learning_rate", "must be > 0 (e.g. 2e-4 for LoRA)")
+        self._check(out, _positive(self.embedding_learning_rate), "embedding_learning_rate", "must be > 0 or null")
+        self._check(out, self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._check(out, 0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        self._check(out, 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        self._check(out, 0 < self.decay_ratio <= 1, "decay_ratio", "must be in (0, 1]")
+        self._check(out, self.batch_size >= 1, "batch_size", "must be >= 1")
+        self._check(out, self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+        self._check(out, self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
+        self._check(out, _positive(self.epochs), "epochs", "must be > 0 or null")
+        self._check(out, self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1 or null")
+        self._check(out, self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self._check(out, _positive(self.max_grad_norm), "max_grad_norm", "must be > 0, or null for no clipping")
+        for name in ("logging_every", "save_every", "eval_every"):
+            self._check(out, getattr(self, name) >= (1 if name == "logging_every" else 0), name, "must be >= 0")
+        self._check(out, self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
+        self._check(out, self.num_workers >= 0, "num_workers", "must be >= 0")
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            out.append(
+                f"{self._key('warmup_steps')} = {self.warmup_steps}: more than max_steps ({self.max_steps}); "
+                "use fewer warmup steps or more max_steps"
+            )
+        if not self.output_dir:
+            out.append(f"{self._key('output_dir')} = '': give a run directory")
+        return out
+
+
+@dataclass
+class EvalConfig(_Section):
+    """What is measured before and after training."""
+
+    _section = "eval"
+
+    enabled: bool = True
+    """Evaluate before and after training (domain and general text)."""
+    general_sources: list[str] = field(default_factory=list)
+    """General-domain text to measure forgetting on; empty: a small built-in sample (see evaluate.py)."""
+    general: bool = True
+    """Measure forgetting on general text at all."""
+    max_eval_tokens: int | None = 200_000
+    """Cap on tokens scored per eval set (None: all)."""
+    batch_size: int = 4
+    """Blocks per forward pass while evaluating."""
+    max_general_ppl_increase: float | None = None
+    """Forgetting budget: stop training early when general perplexity rises more than this fraction
+    (0.05 = 5%) above the base model's. Checked every eval_every steps."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompts to generate samples from, before and after training."""
+    max_new_tokens: int = 48
+    """Length of each generated sample."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        self._check(out, self.max_eval_tokens is None or self.max_eval_tokens >= 2, "max_eval_tokens", "must be >= 2 or null")
+        self._check(out, self.batch_size >= 1, "batch_size", "must be >= 1")
+        self._check(out, _positive(self.max_general_ppl_increase), "max_general_ppl_increase", "must be > 0 or null")
+        self._check(out, self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        return out
+
+
+@dataclass
+class MergeConfig(_Section):
+    """Merging the adapter into a 16-bit model after training."""
+
+    _section = "merge"
+
+    enabled: bool = False
+    """Merge at the end of `lora-dapt train` (also available later as `lora-dapt merge RUN_DIR`)."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype of the merged weights."""
+    base_source: Literal["original", "dequantized"] = "original"
+    """Merge into the original 16-bit base, or into the dequantized 4-bit base the adapter was trained on."""
+    output_dir: str | None = None
+    """Where the merged model goes (default: RUN_DIR/merged)."""
+    tolerance: float = 1e-2
+    """Largest allowed |logit| difference between adapter-on-16-bit and merged model (relative to logit scale)."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        self._check(out, _positive(self.tolerance), "tolerance", "must be > 0")
+        return out
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Instruction tuning after DAPT: TrainConfig's training fields (same names) plus the SFT data options."""
+
+    _section = "sft"
+
+    output_dir: str = "runs/sft"
+    """Run directory, laid out like a DAPT run."""
+    learning_rate: float = 1e-4
+    """Peak learning rate of the LoRA weights."""
+    data: list[str] = field(default_factory=list)
+    """Instruction data files (.jsonl/.json): chat messages, prompt/completion, alpaca or sharegpt rows."""
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = "auto"
+    """Row format; 'auto' detects it from the first row and checks every row against it."""
+    seq_len: int = 1024
+    """Longest tokenized conversation; longer ones are reported and dropped."""
+    train_on_prompt: bool = False
+    """Also train on the prompt/system/user tokens (default: only assistant tokens and their EOS)."""
+    packing: bool = True
+    """Pack conversations into blocks without cross-sample attention."""
+    eval_fraction: float = 0.05
+    """Fraction of conversations held out for evaluation."""
+    stack: Literal["continue", "merge"] = "continue"
+    """With a DAPT run directory: 'continue' training its adapter, or 'merge' it into the 16-bit base,
+    re-quantize and train a fresh adapter."""
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        self._check(out, self.seq_len >= 2, "seq_len", "must be >= 2")
+        self._check(out, 0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
+        return out
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "merge": MergeConfig,
+    "sft": SFTConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """A whole run: what `lora-dapt train CONFIG.yaml` reads and :func:`lora_dapt.run` executes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    sft: SFTConfig | None = None
+
+    def problems(self) -> list[str]:
+        """Checks across sections (each section checks itself when built)."""
+        out = []
+        if not self.model.name_or_path:
+            out.append("model.name_or_path: missing; give a local model directory (or a GGUF's directory)")
+        if not self.data.sources:
+            out.append("data.sources: empty; list the domain text files, globs or directories to train on")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, check: bool = True) -> RunConfig:
+        data = dict(data or {})
+        problems: list[str] = []
+        built: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in SECTIONS:
+                guess = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
+                hint = f"; did you mean '{guess[0]}'?" if guess else f"; sections are {', '.join(SECTIONS)}"
+                problems.append(f"{key}: unknown section{hint}")
+                continue
+            if value is None and key == "sft":
+                continue
+            if not isinstance(value, dict):
+                problems.append(f"{key} = {value!r}: expected a mapping of {key} settings")
+                continue
+            try:
+                built[key] = SECTIONS[key].from_dict(value)
+            except ConfigError as e:
+                problems.extend(e.problems)
+        if problems:
+            raise ConfigError(problems)
+        cfg = cls(**built)
+        if check:
+            cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name).to_dict() for name in SECTIONS if getattr(self, name) is not None}
+        return out
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None, *, check: bool = True) -> RunConfig:
+        """Read a YAML file (safe_load), apply ``section.key=value`` overrides, check everything."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found (give the path of a YAML file)", header="cannot read config")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}", header="cannot read config") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train: ...)", header="cannot read config")
+        data = apply_overrides(data, overrides or [])
+        return cls.from_dict(data, check=check)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested config dict (copied)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            problems.append(f"--set {item!r}: expected section.key=value, e.g. train.learning_rate=1e-4")
+            continue
+        section, name = parts
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out.setdefault(section, {})
+        if not isinstance(node, dict):
+            problems.append(f"--set {item!r}: section '{section}' is not a mapping")
+            continue
+        node[name] = value
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def describe_config() -> str:
+    """Every section and field with its default and docstring (shown by `lora-dapt config --help`)."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}:  # {cls.__doc__.strip().splitlines()[0]}")
+        docs = field_docs(cls)
+        for base in cls.__mro__[1:]:
+            if dataclasses.is_dataclass(base):
+                docs = {**field_docs(base), **docs}
+        for f in dataclasses.fields(cls):
+            if f.name.startswith("_"):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {f.name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}")
+            if f.name in docs:
+                lines.append(f"      # {docs[f.name]}")
+    return "\n".join(lines)
