@@ -1,0 +1,788 @@
+"""Perplexity and bits-per-byte on held-out text; generation samples; the forgetting report.
+
+Two ways to score text, one definition of the number:
+
+* :func:`evaluate_texts` takes raw strings. Each is tokenized with BOS (when the tokenizer adds one) and EOS,
+  then scored with sliding windows of ``seq_len`` tokens. Every target token (every token but the first of
+  a text) is scored exactly once; ``stride`` is how many new targets each window scores, so each target gets
+  at least ``seq_len - stride`` tokens of left context (the first window aside). ``stride = seq_len - 1``
+  (the default) is the cheapest: consecutive windows share one token, the one that predicts the next
+  window's first target. A small stride costs ``seq_len / stride`` times more compute and gives every
+  token a long context, i.e. a lower, fairer perplexity.
+* :func:`evaluate_blocks` takes the packed blocks of :mod:`lora_dapt.packing` (``input_ids``,
+  ``position_ids``, ``labels``) and scores the labels exactly as training does, so the eval loss is
+  comparable to the train loss.
+
+Both return an :class:`EvalResult`: the mean negative log-likelihood per target token in nats (``loss``),
+``ppl = exp(loss)``, and ``bits_per_byte = total NLL / ln 2 / UTF-8 bytes``. Perplexity depends on the
+tokenizer (a vocabulary with longer tokens has fewer, harder targets); bits per byte does not, so it is the
+number to compare across models with different vocabularies. The EOS prediction is part of the NLL
+(knowing where a document ends is part of modelling it); special tokens add no bytes.
+
+Everything runs under ``torch.no_grad()`` in eval mode (restoring the model's previous mode afterwards), on
+the device of the model's input embeddings, for plain, peft, 4-bit/8-bit and merged models alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, DataError
+
+log = logging.getLogger("lora_dapt")
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+DEFAULT_MAX_SEQ_LEN = 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Result
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation measured.
+
+    Example::
+
+        >>> r = EvalResult.from_totals(nll=2 * math.log(2) * 8, tokens=8, n_bytes=16)
+        >>> r.loss, r.ppl, r.bits_per_byte   # 8 targets at 2 bits each over 16 bytes
+        (1.3862943611198906, 4.0, 1.0)
+    """
+
+    loss: float
+    """Mean negative log-likelihood per target token, in nats."""
+    ppl: float
+    """Perplexity, exp(loss)."""
+    bits_per_byte: float | None
+    """Total NLL in bits divided by the UTF-8 bytes of the text scored; None when the bytes are unknown."""
+    tokens: int
+    """Target tokens scored."""
+    bytes: int | None
+    """UTF-8 bytes of the text scored; None when unknown (packed blocks without a ``bytes`` column)."""
+    elapsed_s: float = 0.0
+    """Wall time of the evaluation."""
+
+    @classmethod
+    def from_totals(cls, nll: float, tokens: int, n_bytes: int | None, elapsed_s: float = 0.0) -> EvalResult:
+        """Build from the summed NLL (nats) over ``tokens`` targets and the bytes they cover."""
+        if tokens <= 0:
+            raise DataError("nothing to evaluate: no target tokens (are the texts or blocks empty?)")
+        loss = nll / tokens
+        # exp overflows a float above ~709 nats; a random model never gets there, a diverged one can.
+        ppl = math.exp(loss) if loss < 700 else math.inf
+        bpb = nll / math.log(2) / n_bytes if n_bytes else None
+        return cls(loss=loss, ppl=ppl, bits_per_byte=bpb, tokens=tokens, bytes=n_bytes, elapsed_s=elapsed_s)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (the fields plus ``tokens_per_s``)."""
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model plumbing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def model_device(model: Any) -> torch.device:
+    """Where input ids must go: the device of the input embeddings (right for device_map'd models too)."""
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        return model.get_input_embeddings().weight.device
+    return next(model.parameters()).device
+
+
+def model_max_positions(model: Any) -> int | None:
+    """The longest context the model's config declares, or None if it declares none."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@contextlib.contextmanager
+def _scoring(model: Any) -> Iterator[None]:
+    """Eval mode and no autograd; restore the caller's training mode afterwards.
+
+    ``no_grad`` rather than ``inference_mode``: tensors a model caches lazily during an inference-mode
+    forward (rotary tables, for instance) could not be used by autograd when training resumes.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal, nothing in log files (the log line below says what runs).
+    return tqdm(
+        total=total, desc=desc, unit="tok", unit_scale=True, disable=None, leave=False, file=sys.stderr
+    )
+
+
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed NLL in nats; logits [n, V] in any dtype are upcast to float32 for a stable log-softmax."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Raw texts: sliding windows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sliding_windows(n_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """Plan the windows that score tokens ``1 .. n_tokens-1`` of a sequence, each exactly once.
+
+    Returns ``(start, end, first_target)`` triples: the model reads ``ids[start:end]`` (at most ``seq_len``
+    tokens) and the targets ``ids[first_target:end]`` are scored, each predicted from everything in the
+    window before it. ``stride`` (new targets per window) is capped at ``seq_len - 1``, because a window of
+    ``seq_len`` tokens makes only ``seq_len - 1`` predictions.
+
+    Example::
+
+        >>> sliding_windows(10, seq_len=4)            # stride 3: windows overlap by one token
+        [(0, 4, 1), (3, 7, 4), (6, 10, 7)]
+        >>> sliding_windows(10, seq_len=4, stride=2)  # every target but the first sees >= 2 tokens
+        [(0, 3, 1), (1, 5, 3), (3, 7, 5), (5, 9, 7), (6, 10, 9)]
+    """
+    if seq_len < 2:
+        raise ConfigError(f"seq_len = {seq_len}: must be >= 2 (one token of context and one target)")
+    if stride is not None and stride < 1:
+        raise ConfigError(f"stride = {stride}: must be >= 1 (new target tokens per window)")
+    step = min(stride or seq_len, seq_len - 1)
+    out = []
+    first = 1
+    while first < n_tokens:
+        end = min(first + step, n_tokens)
+        out.append((max(0, end - seq_len), end, first))
+        first = end
+    return out
+
+
+def _tokenize_for_scoring(tokenizer: Any, text: str) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
+
+
+def _prefix_bytes(tokenizer: Any, text: str, keep: int) -> int:
+    """UTF-8 bytes of the text covered by its first ``keep`` tokens (BOS included), for a max_tokens cut.
+
+    Fast tokenizers report character offsets, which makes this exact; otherwise the kept tokens are
+    decoded, which can differ by a few bytes (a split multi-byte character, a stripped leading space).
+    """
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ends = [e for _, e in enc["offset_mapping"][:keep]]
+        return len(text[: max(ends, default=0)].encode("utf-8"))
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"][:keep]
+    return len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
+
+
+def evaluate_texts(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    desc: str = "eval",
+) -> EvalResult:
+    """Score raw texts with sliding windows; see the module docstring for the definitions.
+
+    Args:
+        texts: the documents; each is scored on its own (no context crosses from one text to the next).
+        seq_len: window length in tokens; default ``min(model max positions, 1024)``.
+        stride: new target tokens per window, at most ``seq_len - 1`` (the default). Smaller: more context
+            per token, ``seq_len / stride`` times the compute.
+        batch_size: windows per forward pass. The logits of one pass are ``batch_size x seq_len x vocab``.
+        max_tokens: stop after this many target tokens. The text where the cut falls is scored up to the
+            cut and its bytes are counted up to the end of the last scored token, so bits_per_byte stays
+            honest.
+        desc: label of the progress bar and log line.
+
+    Example::
+
+        r = evaluate_texts(model, tok, ["The court held that ...", "Dosage was ..."], seq_len=512)
+        print(f"ppl {r.ppl:.2f}, {r.bits_per_byte:.3f} bits/byte over {r.tokens} tokens")
+    """
+    if isinstance(texts, (str, bytes)):
+        raise DataError("texts must be a list of strings; wrap a single text in a list: [text]")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size = {batch_size}: must be >= 1")
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"max_tokens = {max_tokens}: must be >= 1 or None")
+    if seq_len is None:
+        seq_len = min(model_max_positions(model) or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+
+    # Tokenize, cut at max_tokens, count bytes.
+    docs: list[list[int]] = []
+    n_bytes = 0
+    budget = max_tokens if max_tokens is not None else math.inf
+    for text in texts:
+        if not isinstance(text, str):
+            raise DataError(f"texts must be strings, got {type(text).__name__}")
+        ids = _tokenize_for_scoring(tokenizer, text)
+        if len(ids) < 2:  # nothing to predict (an empty text without BOS)
+            continue
+        if len(ids) - 1 > budget:
+            keep = int(budget) + 1
+            docs.append(ids[:keep])
+            n_bytes += _prefix_bytes(tokenizer, text, keep)
+            break
+        docs.append(ids)
+        n_bytes += len(text.encode("utf-8"))
+        budget -= len(ids) - 1
+        if budget <= 0:
+            break
+
+    # (doc, start, end, first_target); the longest windows first so that a batch wastes little on padding.
+    windows = [(d, *w) for d, ids in enumerate(docs) for w in sliding_windows(len(ids), seq_len, stride)]
+    windows.sort(key=lambda w: w[2] - w[1], reverse=True)
+    total_targets = sum(end - first for _, _, end, first in windows)
+    if total_targets == 0:
+        raise DataError(f"{desc}: nothing to evaluate ({len(texts)} texts gave no target tokens)")
+    log.info(
+        "%s: scoring %d tokens of %d texts in %d windows (seq_len=%d, stride=%d)",
+        desc,
+        total_targets,
+        len(docs),
+        len(windows),
+        seq_len,
+        min(stride or seq_len, seq_len - 1),
+    )
+
+    device = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    nll = 0.0
+    start_time = time.perf_counter()
+    with _scoring(model), _progress(total_targets, desc) as bar:
+        for b in range(0, len(windows), batch_size):
+            batch = windows[b : b + batch_size]
+            width = batch[0][2] - batch[0][1]
+            rows = [docs[d][s:e] + [pad] * (width - (e - s)) for d, s, e, _ in batch]
+            input_ids = torch.tensor(rows, dtype=torch.long, device=device)
+            # No attention mask: padding sits at the right end and attention is causal, so real tokens never
+            # see it; passing none also keeps every attention kernel on its plain causal path.
+            logits = model(input_ids=input_ids, use_cache=False).logits  # [B, width, V]
+            for row, (_, s, e, first) in enumerate(batch):
+                # logits[t] predicts token t + 1: targets ids[first:e] come from positions first-1-s .. e-2-s.
+                target = input_ids[row, first - s : e - s].to(logits.device)
+                nll += _nll_sum(logits[row, first - s - 1 : e - s - 1], target)
+                bar.update(e - first)
+    result = EvalResult.from_totals(nll, total_targets, n_bytes, time.perf_counter() - start_time)
+    _log_result(desc, result)
+    return result
+
+
+def _log_result(desc: str, r: EvalResult) -> None:
+    bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "n/a"
+    log.info(
+        "%s: loss %.4f, ppl %.3f, bits/byte %s over %d tokens (%.1f tok/s)",
+        desc,
+        r.loss,
+        r.ppl,
+        bpb,
+        r.tokens,
+        r.tokens_per_s or 0.0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_blocks(
+    model: Any,
+    dataset: Any,
+    batch_size: int = 4,
+    max_blocks: int | None = None,
+    desc: str = "eval",
+    max_tokens: int | None = None,
+) -> EvalResult:
+    """Score a dataset of packed blocks the way training does.
+
+    Each row has ``input_ids``, ``position_ids`` (restarting at 0 at every document start, which is how
+    transformers keeps packed documents apart when no attention mask is passed) and ``labels`` (-100 where
+    nothing is scored). As in transformers, ``logits[t]`` predicts ``labels[t + 1]``. Blocks of unequal
+    length are right-padded with labels -100. ``bits_per_byte`` is reported only when the dataset has a
+    ``bytes`` column (UTF-8 bytes covered by each block's labels).
+
+    Args:
+        max_blocks: score only the first this many blocks.
+        max_tokens: stop after the block in which the scored-token count reaches this (whole blocks).
+
+    Example::
+
+        r = evaluate_blocks(model, corpus.eval, batch_size=8)
+    """
+    names = set(getattr(dataset, "column_names", None) or [])
+    missing = {"input_ids", "labels"} - names
+    if missing:
+        raise DataError(
+            f"evaluate_blocks needs columns input_ids, position_ids and labels; missing {sorted(missing)} "
+            f"(columns: {sorted(names)}). For raw text use evaluate_texts."
+        )
+    if batch_size < 1:
+        raise ConfigError(f"batch_size = {batch_size}: must be >= 1")
+    n = len(dataset) if max_blocks is None else min(len(dataset), max_blocks)
+    has_pos, has_bytes = "position_ids" in names, "bytes" in names
+    log.info("%s: scoring %d packed blocks", desc, n)
+
+    device = model_device(model)
+    nll, tokens, n_bytes = 0.0, 0, 0
+    start_time = time.perf_counter()
+    with _scoring(model), _progress(n, desc) as bar:
+        bar.unit = "block"
+        for b in range(0, n, batch_size):
+            rows = dataset[b : min(b + batch_size, n)]
+            width = max(len(x) for x in rows["input_ids"])
+
+            def padded(key: str, fill: int, rows: dict = rows, width: int = width) -> torch.Tensor:
+                data = [list(x) + [fill] * (width - len(x)) for x in rows[key]]
+                return torch.tensor(data, dtype=torch.long, device=device)
+
+            input_ids = padded("input_ids", 0)
+            labels = padded("labels", -100)
+            kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+            if has_pos:
+                # Padding gets position 0: read as one more (ignored) document after the real ones.
+                kwargs["position_ids"] = padded("position_ids", 0)
+            logits = model(**kwargs).logits  # [B, width, V]
+            shifted = labels[:, 1:].to(logits.device)
+            keep = shifted != -100
+            if keep.any():
+                nll += _nll_sum(logits[:, :-1][keep], shifted[keep])
+                tokens += int(keep.sum())
+            if has_bytes:
+                n_bytes += sum(int(x) for x in rows["bytes"])
+            bar.update(len(rows["input_ids"]))
+            if max_tokens is not None and tokens >= max_tokens:
+                break
+    result = EvalResult.from_totals(
+        nll, tokens, n_bytes if has_bytes else None, time.perf_counter() - start_time
+    )
+    _log_result(desc, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One-call entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_text_sources(sources: str | Path | Sequence[str | Path]) -> list[str]:
+    """Read .txt/.md/.rst files given as paths, directories (searched recursively) or globs; one text per file.
+
+    Example::
+
+        texts = read_text_sources(["notes/*.md", "extra.txt"])
+    """
+    items = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(str(item)), recursive=True))
+            matches = [m for m in matches if m.is_file()]
+            if not matches:
+                raise DataError(
+                    f"{item!s}: no such file, directory or matching glob. To score a string itself, pass a "
+                    "list: perplexity(model, tok, [text])"
+                )
+            files += matches
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{f}: cannot read as UTF-8 text: {e}") from None
+    return texts
+
+
+def _score(
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    seq_len: int | None,
+    stride: int | None,
+    batch_size: int,
+    max_tokens: int | None,
+    desc: str,
+) -> EvalResult:
+    if isinstance(data, (str, Path)):
+        return evaluate_texts(
+            model, tokenizer, read_text_sources(data), seq_len, stride, batch_size, max_tokens, desc
+        )
+    if isinstance(data, (list, tuple)):
+        if all(isinstance(t, str) for t in data):
+            return evaluate_texts(model, tokenizer, data, seq_len, stride, batch_size, max_tokens, desc)
+        if all(isinstance(t, (str, Path)) for t in data):
+            return evaluate_texts(
+                model, tokenizer, read_text_sources(data), seq_len, stride, batch_size, max_tokens, desc
+            )
+    columns = getattr(data, "column_names", None)
+    if isinstance(columns, list):
+        if "input_ids" in columns:
+            return evaluate_blocks(model, data, batch_size, desc=desc, max_tokens=max_tokens)
+        if "text" in columns:
+            return evaluate_texts(
+                model, tokenizer, list(data["text"]), seq_len, stride, batch_size, max_tokens, desc
+            )
+        raise DataError(f"a dataset to evaluate needs an input_ids or a text column; it has {columns}")
+    raise DataError(
+        f"cannot evaluate a {type(data).__name__}: give a list of strings, a file/directory/glob path, or a "
+        "datasets.Dataset with input_ids (packed blocks) or text"
+    )
+
+
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 4,
+    *,
+    max_tokens: int | None = None,
+) -> float:
+    """Perplexity of ``model`` on ``data``: exp(mean NLL per target token).
+
+    ``data`` is a list of strings, a path / directory / glob of .txt/.md/.rst files (or a list of those),
+    a ``datasets.Dataset`` of packed blocks (``input_ids``, ``labels``; ``seq_len``/``stride`` unused) or a
+    ``datasets.Dataset`` with a ``text`` column. See :func:`evaluate_texts` for seq_len and stride.
+
+    Example::
+
+        ld.perplexity(model, tok, corpus.eval)                     # packed held-out blocks
+        ld.perplexity(model, tok, "notes/*.md", stride=256)        # files, long context per token
+    """
+    return _score(model, tokenizer, data, seq_len, stride, batch_size, max_tokens, "perplexity").ppl
+
+
+def bits_per_byte(
+    model: Any,
+    tokenizer: Any,
+    texts: Any,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 4,
+    *,
+    max_tokens: int | None = None,
+) -> float:
+    """Bits per UTF-8 byte of ``texts`` (same inputs as :func:`perplexity`): comparable across tokenizers.
+
+    Example::
+
+        bits_per_byte(model_a, tok_a, texts), bits_per_byte(model_b, tok_b, texts)   # fair comparison
+    """
+    result = _score(model, tokenizer, texts, seq_len, stride, batch_size, max_tokens, "bits/byte")
+    if result.bits_per_byte is None:
+        raise DataError(
+            "bits per byte needs the byte count of the text: pass raw texts or files, or packed blocks with a "
+            "'bytes' column"
+        )
+    return result.bits_per_byte
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# General text for forgetting
+# ---------------------------------------------------------------------------------------------------------------
+
+# Written for lora_dapt (Apache-2.0 like the code): everyday English on topics far from any technical
+# corpus. See general_texts for why this and not text found on the machine.
+_GENERAL_ENGLISH = (
+    "The market opens early on Saturdays, long before most of the town is awake. By six o'clock the first "
+    "vans have backed into their places along the square, and the sellers are unfolding tables, stacking "
+    "crates of apples and hanging hand-written signs. An old man who has sold honey there for thirty years "
+    "sets out his jars in neat rows, the darkest at the back. Children arrive later with their parents and "
+    "stop at the bakery stall, where the smell of warm bread is hard to walk past. By noon most of the "
+    "vegetables are gone, and the square slowly returns to being a car park.",
+    "Dear Anna, thank you for your letter, which reached me just before the storm. We lost power for two "
+    "days, so I read it again by candlelight and laughed at your story about the neighbour's goat. The "
+    "garden survived better than I expected: the beans were flattened, but the tomatoes are still standing. "
+    "I hope you can visit in the autumn, when the hills turn red and the roads are quiet. Bring warm "
+    "clothes, because the evenings are already cold. With love, Margaret.",
+    "To make a simple vegetable soup, start by chopping an onion, two carrots and a stick of celery. Soften "
+    "them gently in a little oil for about ten minutes, without letting them brown. Add a handful of diced "
+    "potatoes, a tin of tomatoes and enough water or stock to cover everything. Let it simmer until the "
+    "potatoes are tender, then season with salt and pepper. Some people like to blend it until smooth; "
+    "others prefer it chunky. Either way, it tastes even better the next day.",
+    "The home team started nervously and fell behind after only eight minutes, when a long ball caught "
+    "their defence out of position. For the rest of the first half they struggled to keep possession. "
+    "Whatever the coach said at the interval worked: they came out with far more energy, equalised from a "
+    "corner within five minutes and scored the winner late in the game with a shot from the edge of the "
+    "area. The crowd, which had been quiet for an hour, sang all the way home.",
+    "Nobody in the village remembers exactly when the old stone bridge was built, but everyone agrees that "
+    "it has outlasted every flood. In the spring of one wet year the river rose so high that water ran "
+    "across the road on both sides, yet the bridge itself stood firm. Farmers used to drive their cattle "
+    "over it on the way to the summer pastures, and their grandchildren still stop in the middle to drop "
+    "sticks into the current and race to the other side to see which one appears first.",
+    "If you want tomatoes that taste of something, give them as much sun as you can and do not overwater "
+    "them. Plant them deeply, because they grow roots along the buried part of the stem. Pinch out the side "
+    "shoots that appear between the main stem and the leaves, and tie the plant loosely to a stake as it "
+    "grows. When the fruit begins to ripen, a little less water concentrates the flavour. Pick them when "
+    "they are fully coloured and slightly soft.",
+    "The dog had been missing for three days when a woman from the next valley telephoned. She had found "
+    "him asleep in her barn, thin and muddy but otherwise fine, with his collar still on. The family drove "
+    "over that same evening. He heard the car before anyone got out and came running across the yard, "
+    "barking so loudly that the hens scattered. On the way home he slept with his head on the youngest "
+    "boy's knee and did not move until they reached the front door.",
+    "The night train leaves the capital a little after nine and arrives at the coast early the next "
+    "morning. The carriages are old but comfortable, and the beds are made up with crisp white sheets. Most "
+    "passengers fall asleep soon after the lights of the suburbs disappear. Those who stay awake can watch "
+    "small stations pass in the dark, each with a single lamp and a sleepy guard. At dawn the line follows "
+    "the shore, and the first thing many travellers see is the sea turning from grey to blue.",
+    "The town council met on Tuesday evening to discuss plans for the empty library building. Several "
+    "residents argued that it should become a community centre with rooms for clubs and classes, while "
+    "others wanted it sold to pay for repairs to the swimming pool. After a long debate the council agreed "
+    "to ask local people for their views before making a decision. A public meeting will be held next "
+    "month, and written comments can be left at the town hall until the end of the year.",
+    "Most adults need between seven and nine hours of sleep a night, although the amount varies from person "
+    "to person. Going to bed and getting up at the same time every day, even at weekends, helps the body "
+    "keep a steady rhythm. A cool, dark and quiet bedroom makes it easier to fall asleep, and so does "
+    "avoiding heavy meals and bright screens late in the evening. A short walk in daylight can also make "
+    "a surprising difference to how well you sleep.",
+    "When my grandmother was young, the nearest doctor lived a full day's walk away, and letters took weeks "
+    "to arrive. She often told us how the whole street would gather around the first radio anyone owned to "
+    "listen to the news and the Sunday concert. She never learned to drive, but she travelled more than "
+    "anyone else in the family, by bus, by boat and once, at the age of seventy, by aeroplane. She said the "
+    "clouds from above looked exactly as she had always imagined them.",
+    "Rain had been forecast for the whole weekend, but on Sunday morning the sky cleared and the sun came "
+    "out. People who had planned to stay indoors changed their minds, and by ten o'clock the park was full "
+    "of families, dogs and runners. The ice cream seller, who had almost not come, ran out of cones before "
+    "lunch. In the afternoon the clouds returned, a cold wind picked up, and everyone hurried home just "
+    "before the first heavy drops began to fall.",
+)
+
+
+def general_texts(
+    sources: str | Path | Sequence[str | Path] | None = None, max_chars: int = 50_000
+) -> list[str]:
+    """General-domain English to measure forgetting on: ``sources`` when given, else a built-in sample.
+
+    With ``sources`` (files, directories or globs of .txt/.md/.rst, as ``EvalConfig.general_sources``),
+    their texts are returned, the total cut at ``max_chars`` characters (the last text shortened). For a
+    trustworthy forgetting number give your own general text, e.g. a few hundred KB of news or encyclopedia
+    prose of the kind the base model was trained on.
+
+    Without sources, the built-in sample: twelve short paragraphs of everyday English (a market, a
+    letter, a recipe, a football match, a journey, ...), about 5,700 characters written for lora_dapt and
+    shipped with it under its own license. Why not text already on the machine:
+
+    * ``pydoc_data.topics`` (the Python language reference, 450 KB, in every CPython) is technical prose
+      about Python by the same community that wrote the standard-library docstrings our quickstart trains
+      on: training would lower its perplexity and hide forgetting.
+    * License texts (CPython's LICENSE.txt, /usr/share/common-licenses) are not on every install (Debian's
+      python strips LICENSE.txt) and are legal boilerplate that models have memorised.
+    * ``this`` (the Zen of Python) is 20 lines.
+
+    The sample is small, so its perplexity is noisy in absolute terms, but before/after are measured on the
+    same text, which is what the forgetting report compares.
+
+    Example::
+
+        texts = general_texts()                          # built-in sample
+        texts = general_texts(["wiki_sample/*.txt"])     # your own general text
+    """
+    if sources is None or (not isinstance(sources, (str, Path)) and len(sources) == 0):
+        log.info(
+            "general eval text: built-in everyday-English sample (set eval.general_sources for your own)"
+        )
+        texts = list(_GENERAL_ENGLISH)
+    else:
+        texts = read_text_sources(sources)
+    out, left = [], max_chars
+    for text in texts:
+        if left <= 0:
+            break
+        text = text[:left]
+        if text.strip():
+            out.append(text)
+        left -= len(text)
+    if not out:
+        raise DataError(f"general_sources {sources!r} hold no text; give non-empty files or leave them unset")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples, memory, forgetting
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def generate_samples(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 48
+) -> list[dict[str, Any]]:
+    """Greedy (deterministic) continuations of each prompt: ``[{"prompt", "completion", "new_tokens"}]``.
+
+    Prompts are generated one at a time, so no padding side or pad token can change the result.
+
+    Example::
+
+        before = generate_samples(model, tok, ["The patient was given"], max_new_tokens=32)
+    """
+    device = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    with _scoring(model):
+        for prompt in prompts:
+            enc = tokenizer(prompt, return_tensors="pt").to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+            )
+            new = gen[0, enc["input_ids"].shape[1] :]
+            out.append(
+                {
+                    "prompt": prompt,
+                    "completion": tokenizer.decode(new, skip_special_tokens=True),
+                    "new_tokens": int(new.numel()),
+                }
+            )
+    return out
+
+
+def peak_memory_bytes(device: str | torch.device | None = None) -> int:
+    """Peak memory so far: CUDA max allocated on a CUDA device, else this process's peak resident set size.
+
+    ``device=None`` means CUDA when available. On the CPU the peak RSS covers the whole process (Python,
+    the model, the data), which is what limits a CPU run.
+
+    Example::
+
+        print(f"peak {peak_memory_bytes() / 2**30:.2f} GiB")
+    """
+    dev = torch.device(device) if device is not None else None
+    if (dev is None and torch.cuda.is_available()) or (dev is not None and dev.type == "cuda"):
+        return int(torch.cuda.max_memory_allocated(dev))
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+    except ImportError:  # Windows
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss))
+
+
+def _metric(entry: Any, key: str) -> float | None:
+    if entry is None:
+        return None
+    if isinstance(entry, EvalResult):
+        entry = entry.to_dict()
+    if isinstance(entry, (int, float)):  # a bare perplexity
+        return float(entry) if key == "ppl" else None
+    value = entry.get(key) if isinstance(entry, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _relative(before: float | None, after: float | None) -> float | None:
+    if before is None or after is None or not math.isfinite(before) or before == 0:
+        return None
+    return after / before - 1
+
+
+def forgetting_report(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Compare evaluations before and after training, per split.
+
+    ``before`` and ``after`` map a split name (``"domain"``, ``"general"``) to an :class:`EvalResult`, its
+    ``to_dict()`` or a bare perplexity. Returns, per split present in either::
+
+        {"domain": {"ppl_before", "ppl_after", "ppl_change", "bpb_before", "bpb_after", "bpb_change"}, ...}
+
+    where ``*_change`` is the relative change ``after / before - 1`` (-0.2: 20% lower), None where a side is
+    missing. Domain perplexity should fall; a rise of general perplexity is forgetting.
+
+    Example::
+
+        >>> forgetting_report({"domain": 20.0, "general": 10.0}, {"domain": 15.0, "general": 11.0})["general"]
+        {'ppl_before': 10.0, 'ppl_after': 11.0, 'ppl_change': 0.10000000000000009, 'bpb_before': None, \
+'bpb_after': None, 'bpb_change': None}
+    """
+    before, after = before or {}, after or {}
+    splits = [s for s in ("domain", "general") if s in before or s in after]
+    splits += sorted(s for s in {*before, *after} if s not in splits)
+    report: dict[str, Any] = {}
+    for split in splits:
+        row: dict[str, Any] = {}
+        for key, short in (("ppl", "ppl"), ("bits_per_byte", "bpb")):
+            b, a = _metric(before.get(split), key), _metric(after.get(split), key)
+            row.update({f"{short}_before": b, f"{short}_after": a, f"{short}_change": _relative(b, a)})
+        report[split] = row
+    return report
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_forgetting(report: dict[str, Any]) -> str:
+    """An aligned text table of :func:`forgetting_report` (what ``lora-dapt`` prints).
+
+    Example::
+
+        >>> print(format_forgetting(forgetting_report({"domain": 20.0}, {"domain": 15.0})))
+        split   ppl before  ppl after  change  bpb before  bpb after
+        domain       20.00      15.00  -25.0%           -          -
+    """
+    header = ("split", "ppl before", "ppl after", "change", "bpb before", "bpb after")
+    rows = [header]
+    for split, r in report.items():
+        rows.append(
+            (
+                split,
+                _fmt(r.get("ppl_before"), ".2f"),
+                _fmt(r.get("ppl_after"), ".2f"),
+                _fmt(None if r.get("ppl_change") is None else 100 * r["ppl_change"], "+.1f")
+                + ("%" if r.get("ppl_change") is not None else ""),
+                _fmt(r.get("bpb_before"), ".4f"),
+                _fmt(r.get("bpb_after"), ".4f"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)
