@@ -1,0 +1,113 @@
+"""lora_dapt.packing: every token in exactly one block, segments that transformers will keep apart."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.masking_utils import find_packed_sequence_indices
+
+from lora_dapt import packing
+from lora_dapt.packing import IGNORE_INDEX, pack_documents, plan_blocks, segment_ids
+
+
+def test_docstring_examples_hold():
+    result = doctest.testmod(packing)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_worked_example():
+    blocks = pack_documents([[5, 6, 7], [1, 2, 3, 4, 5], [8]], seq_len=4, pad_id=9)
+    assert [b["input_ids"] for b in blocks] == [[1, 2, 3, 4], [5, 6, 7, 5], [8, 9, 9, 9]]
+    assert [b["position_ids"] for b in blocks] == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 0, 1, 2]]
+    assert [b["labels"] for b in blocks] == [[-100, 2, 3, 4], [-100, 6, 7, -100], [-100] * 4]
+
+
+def _check_blocks(lengths: list[int], seq_len: int) -> None:
+    # token values are unique (document, offset) codes, so we can tell where each one came from
+    docs = [[1000 * d + t + 1 for t in range(n)] for d, n in enumerate(lengths)]
+    pad = -7
+    blocks = pack_documents(docs, seq_len, pad)
+    plan = plan_blocks(lengths, seq_len)
+    assert len(blocks) == len(plan)
+    seen: list[int] = []
+    for b, pieces in zip(blocks, plan, strict=True):
+        ids, pos, lab = b["input_ids"], b["position_ids"], b["labels"]
+        assert len(ids) == len(pos) == len(lab) == seq_len
+        used = sum(e - s for _, s, e in pieces)
+        n_pad = seq_len - used
+        assert ids[used:] == [pad] * n_pad and lab[used:] == [IGNORE_INDEX] * n_pad
+        seg = segment_ids(pos)
+        # each piece is one segment; padding (if any) is one more segment
+        assert seg[-1] + 1 == len(pieces) + (1 if n_pad else 0)
+        t = 0
+        for d, s, e in pieces:
+            assert ids[t : t + e - s] == docs[d][s:e]
+            assert pos[t : t + e - s] == list(range(e - s))
+            assert lab[t] == IGNORE_INDEX and lab[t + 1 : t + e - s] == docs[d][s + 1 : e]
+            assert len(set(seg[t : t + e - s])) == 1
+            t += e - s
+        if n_pad:
+            assert set(seg[used:]) == {seg[-1]} and (used == 0 or seg[used - 1] != seg[used])
+        seen += [x for x in ids if x != pad]
+    # every token exactly once, nothing invented
+    assert sorted(seen) == sorted(x for doc in docs for x in doc)
+    # best fit: at most one block is half empty or worse (otherwise its pieces would have fit elsewhere)
+    fills = [sum(e - s for _, s, e in p) for p in plan]
+    assert sum(f <= seq_len / 2 for f in fills) <= 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 60), max_size=25), st.integers(1, 17))
+def test_every_token_in_exactly_one_block(lengths, seq_len):
+    _check_blocks(lengths, seq_len)
+
+
+def test_long_document_is_cut_not_truncated():
+    blocks = pack_documents([list(range(1, 24))], seq_len=5, pad_id=0)
+    flat = [x for b in blocks for x in b["input_ids"] if x]
+    assert sorted(flat) == list(range(1, 24))
+    assert len(blocks) == 5  # 23 tokens: 4 full pieces + 3 tokens + 2 pads
+
+
+def test_caller_labels_are_kept_except_at_piece_starts():
+    docs = [[10, 11, 12, 13], [20, 21, 22]]
+    labels = [[-100, -100, 12, 13], [20, 21, 22]]
+    blocks = pack_documents(docs, seq_len=8, pad_id=0, label_lists=labels)
+    assert len(blocks) == 1
+    assert blocks[0]["labels"] == [-100, -100, 12, 13, -100, 21, 22, -100]
+    with pytest.raises(ValueError, match="labels"):
+        pack_documents(docs, 8, 0, label_lists=[[1], [2, 3, 4]])
+
+
+def test_eos_keeps_its_label_when_pad_is_eos():
+    eos = 1
+    blocks = pack_documents([[0, 5, 6, eos], [0, 7, eos]], seq_len=10, pad_id=eos)
+    lab, ids = blocks[0]["labels"], blocks[0]["input_ids"]
+    eos_positions = [t for t, (i, la) in enumerate(zip(ids[:7], lab[:7], strict=True)) if i == eos]
+    assert eos_positions == [3, 6] and all(lab[t] == eos for t in eos_positions)
+    assert lab[7:] == [IGNORE_INDEX] * 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=8), st.integers(2, 16))
+def test_segments_match_transformers_packed_sequence_detection(lengths, seq_len):
+    docs = [[d + 2] * n for d, n in enumerate(lengths)]
+    for b in pack_documents(docs, seq_len, pad_id=0):
+        pos = torch.tensor([b["position_ids"]])
+        hf = find_packed_sequence_indices(pos)
+        ours = segment_ids(b["position_ids"])
+        if hf is None:  # transformers says: a single sequence
+            assert set(ours) == {0}
+        else:
+            assert hf[0].tolist() == ours
+
+
+def test_deterministic_and_rejects_bad_seq_len():
+    lengths = [5, 3, 9, 1, 4, 4, 2]
+    assert plan_blocks(lengths, 6) == plan_blocks(lengths, 6)
+    with pytest.raises(ValueError, match="seq_len"):
+        plan_blocks([3], 0)
