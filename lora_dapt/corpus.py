@@ -1,0 +1,1151 @@
+"""Raw text -> cleaned documents -> train/eval split by document -> packed token blocks.
+
+:func:`prepare_corpus` reads files, globs, directories, ``datasets`` datasets or in-memory texts, cleans and
+de-duplicates them, holds out whole documents for evaluation, mixes in general-domain "replay" text, tokenizes
+and packs with :mod:`lora_dapt.packing`. It returns a :class:`Corpus` whose ``train``/``eval`` rows are
+``input_ids``, ``position_ids``, ``labels`` (int lists of exactly ``seq_len``) and whose ``stats`` say what
+happened to every document and token.
+
+Design choices and their trade-offs:
+
+* Nothing vanishes silently. A file that cannot be used (binary, unknown extension, unreadable, rows without
+  the text field) becomes a *report row* in the same Arrow table as the documents, so it is counted and
+  named in ``stats`` even when the work ran in several processes. Undecodable bytes are replaced by U+FFFD
+  and the file is kept and named. Every dropped document is counted under its reason.
+* Larger than RAM: documents are streamed from disk into Arrow files (``datasets`` memory-maps them); a huge
+  file or single line is read in chunks and cut at line breaks into parts of about 1M characters (BOS on the
+  first part, EOS on the last). Only small per-document columns (hashes, group keys, lengths) are ever held
+  in Python. Tokenizing runs as a ``datasets`` map with ``num_proc`` processes; packing works on batches of
+  pieces, so padding is only the slack left in the last few blocks of each batch (well under 1%).
+* Split by document: whole documents (all parts of a file) go to eval, chosen by a seeded shuffle, so no
+  text is in both splits; with ``eval_sources``, training documents identical to an eval document are
+  dropped (counted as ``in_eval``).
+* Cache: the result is stored under ``cache_dir/lora_dapt-corpus/<key>`` where the key hashes the inputs
+  (paths with size and mtime, dataset fingerprints, text hashes), the data config and the tokenizer. The same
+  inputs load the stored blocks instead of recomputing them. An ``IterableDataset`` cannot be fingerprinted,
+  so a corpus built from one is not cached.
+* Near-duplicate removal (MinHash LSH) is a sequential Python pass: fine for hundreds of thousands of
+  documents, slow beyond; it is off by default.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import dataclasses
+import glob as globlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from . import packing
+from .config import DataConfig
+from .errors import DataError
+
+log = logging.getLogger("lora_dapt")
+
+TEXT_EXTENSIONS = (".txt", ".md", ".rst")
+"""Read whole, one document per file."""
+TABLE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+"""One document per row, from the column ``DataConfig.text_field``."""
+
+Source = str | os.PathLike | datasets.Dataset | datasets.IterableDataset | Sequence[str]
+"""A path, glob or directory; a ``datasets`` dataset; or a list/tuple of document texts."""
+
+_PART_CHARS = 1 << 20  # a document longer than this many characters is cut (at a line break) into parts
+_READ_BYTES = 1 << 22  # text files are read in chunks of this many bytes
+_TOKENIZE_BATCH = 256  # documents per tokenizer call (parts are <= 1M chars, so <= ~256 MB per batch)
+_PACK_BATCH = 2048  # pieces (<= seq_len tokens each) per packing batch
+_EVAL_DOCS_CHARS = 5_000_000  # cap on Corpus.eval_documents
+_VERSION = "1"  # bump when the output of the pipeline changes for the same inputs
+
+# Row schema of the documents table; report rows have status != "ok" and no text.
+_DOC_FEATURES = datasets.Features(
+    {
+        "text": datasets.Value("string"),
+        "source": datasets.Value("string"),
+        "group": datasets.Value("string"),
+        "part": datasets.Value("int32"),
+        "last": datasets.Value("bool"),
+        "status": datasets.Value("string"),
+        "note": datasets.Value("string"),
+        "count": datasets.Value("int64"),
+        "chars": datasets.Value("int64"),
+        "hash": datasets.Value("binary"),
+    }
+)
+_PIECE_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+        "doc": datasets.Value("int64"),
+    }
+)
+_BLOCK_COLUMNS = ("input_ids", "position_ids", "labels")
+
+# Problem kinds that concern files or rows (not documents dropped by cleaning), with a readable label.
+_PROBLEMS = {
+    "not_found": "sources that matched no file",
+    "unknown_extension": "files with an unknown extension (skipped)",
+    "binary": "binary files (skipped)",
+    "unreadable": "unreadable files (skipped)",
+    "bad_rows": "rows without a usable text field (skipped)",
+    "hidden": "hidden files/directories (skipped)",
+    "undecodable": "files with undecodable bytes (replaced by U+FFFD, kept)",
+    "split": "documents longer than 1M characters (cut into parts, kept)",
+}
+_DROPS = {
+    "empty": "empty",
+    "too_short": "shorter than min_chars",
+    "duplicate": "exact duplicates",
+    "near_duplicate": "near duplicates",
+    "in_eval": "identical to an eval document",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CorpusStats:
+    """What happened to every document and token; ``summary()`` is the human-readable form."""
+
+    files_read: int = 0
+    """Files opened (table files count once, whatever their row count)."""
+    documents_read: int = 0
+    """Documents found (a file, a table row, a text); a document cut into parts counts once per part."""
+    documents_kept: int = 0
+    """Documents left after cleaning (train + eval, replay not included)."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Documents dropped, by reason: empty, too_short, duplicate, near_duplicate, in_eval."""
+    problems: dict[str, int] = field(default_factory=dict)
+    """Files/rows that needed attention, by kind (see ``examples`` for names)."""
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    """Up to 10 names (file, file:line, dataset[i]) for each drop reason and problem kind."""
+    normalized: int = 0
+    """Documents changed by unicode/whitespace normalisation."""
+    train_documents: int = 0
+    eval_documents: int = 0
+    characters: int = 0
+    """Characters of the kept (train + eval) documents after cleaning."""
+    train_tokens: int = 0
+    """Non-padding tokens in the training blocks, special tokens and replay included."""
+    eval_tokens: int = 0
+    special_tokens: int = 0
+    """BOS/EOS tokens added (train + eval + replay)."""
+    train_blocks: int = 0
+    eval_blocks: int = 0
+    padding_tokens: int = 0
+    """Padding tokens in train + eval blocks."""
+    padding_fraction: float = 0.0
+    """padding_tokens / (all block tokens)."""
+    continuation_pieces: int = 0
+    """Pieces that continue a long document: their first token is an input but not a target."""
+    tokens_per_char: float = 0.0
+    """Text tokens (no special tokens) per character of the kept documents."""
+    replay_documents: int = 0
+    replay_tokens: int = 0
+    """Training tokens from replay_sources (special tokens included)."""
+    replay_fraction: float = 0.0
+    """replay_tokens / train_tokens, as achieved."""
+    seq_len: int = 0
+    add_bos: bool = False
+    add_eos: bool = True
+    seconds: float = 0.0
+    """Time to prepare (or to load from the cache)."""
+    cached: bool = False
+    """True when the blocks were loaded from the cache instead of computed."""
+    cache_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CorpusStats:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def tokens(self) -> int:
+        return self.train_tokens + self.eval_tokens
+
+    def log_line(self) -> str:
+        """One line for the log."""
+        drops = ", ".join(f"{n} {k}" for k, n in self.dropped.items() if n) or "none"
+        return (
+            f"corpus: {self.documents_read} documents read, {self.documents_kept} kept (dropped: {drops}); "
+            f"{self.tokens:,} tokens in {self.train_blocks} train + {self.eval_blocks} eval blocks of "
+            f"{self.seq_len}; padding {self.padding_fraction:.2%}; {self.tokens_per_char:.3f} tokens/char; "
+            f"replay {self.replay_tokens:,} tokens ({self.replay_fraction:.1%})"
+            + (" [cached]" if self.cached else "")
+        )
+
+    def summary(self) -> str:
+        """Multi-line human-readable report (what `lora-dapt prepare` prints)."""
+        lines = [
+            f"files read:        {self.files_read}",
+            f"documents read:    {self.documents_read}",
+            f"documents kept:    {self.documents_kept} ({self.train_documents} train, {self.eval_documents} eval)",
+        ]
+        for k, n in self.dropped.items():
+            if n:
+                ex = ", ".join(self.examples.get(k, [])[:3])
+                lines.append(f"  dropped {_DROPS.get(k, k)}: {n}" + (f" (e.g. {ex})" if ex else ""))
+        if self.normalized:
+            lines.append(f"  normalised: {self.normalized}")
+        for k, n in self.problems.items():
+            if n:
+                ex = ", ".join(self.examples.get(k, [])[:3])
+                lines.append(f"{_PROBLEMS.get(k, k)}: {n}" + (f" (e.g. {ex})" if ex else ""))
+        lines += [
+            f"tokens:            {self.tokens:,} ({self.train_tokens:,} train, {self.eval_tokens:,} eval; "
+            f"{self.special_tokens:,} BOS/EOS)",
+            f"blocks:            {self.train_blocks} train + {self.eval_blocks} eval x {self.seq_len} tokens",
+            f"padding:           {self.padding_tokens:,} tokens ({self.padding_fraction:.2%})",
+            f"long-doc pieces:   {self.continuation_pieces} continuation pieces",
+            f"tokens per char:   {self.tokens_per_char:.3f}",
+            f"replay:            {self.replay_tokens:,} tokens from {self.replay_documents} documents "
+            f"({self.replay_fraction:.1%} of training tokens)",
+            f"special tokens:    BOS {'on' if self.add_bos else 'off'}, EOS {'on' if self.add_eos else 'off'}",
+            f"time:              {self.seconds:.1f} s" + (" (loaded from cache)" if self.cached else ""),
+        ]
+        if self.cache_path:
+            lines.append(f"cache:             {self.cache_path}")
+        return "\n".join(lines)
+
+
+def format_stats(stats: CorpusStats) -> str:
+    """The multi-line report of :meth:`CorpusStats.summary` (used by ``lora-dapt prepare``)."""
+    return stats.summary()
+
+
+@dataclass
+class Corpus:
+    """Packed training/eval blocks, the raw held-out texts, and what happened on the way."""
+
+    train: datasets.Dataset
+    """Rows of ``input_ids``, ``position_ids``, ``labels``: int lists of exactly ``seq_len``."""
+    eval: datasets.Dataset | None
+    """Same layout, held-out documents only; None when nothing is held out."""
+    stats: CorpusStats
+    eval_documents: list[str] = field(default_factory=list)
+    """Texts of the eval split (capped at about 5M characters), for perplexity on raw text."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------
+
+_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_TRAILING = re.compile(r"[ \t]+(?=\n)")
+_REPLACED = [0]  # per-process count of bytes replaced by the decoder's error handler
+
+
+def _count_replace(err: UnicodeError) -> tuple[str, int]:
+    assert isinstance(err, UnicodeDecodeError)
+    _REPLACED[0] += 1
+    return "\ufffd", err.end
+
+
+codecs.register_error("lora_dapt_replace", _count_replace)
+
+
+def clean_text(text: str, normalize: bool = True) -> str:
+    """The normalisation applied to every document when ``DataConfig.normalize`` is on.
+
+    NFC unicode, ``\\r\\n``/``\\r`` -> ``\\n``, control characters other than tab/newline removed, trailing
+    spaces of lines removed, leading/trailing blank space of the document removed.
+
+    >>> clean_text("  Cafe\\u0301 \\r\\nline\\x00 two\\t \\n")
+    'Café\\nline two'
+    """
+    if not normalize:
+        return text
+    text = unicodedata.normalize("NFC", text)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CTRL.sub("", text)
+    text = _TRAILING.sub("", text)
+    return text.strip()
+
+
+def _cut_parts(chunks: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """Re-chunk a stream of text into parts of about _PART_CHARS, cut at a line break (else a space).
+
+    Yields (part, is_last); holds at most ~2 parts in memory.
+    """
+    buf = ""
+    held: str | None = None
+    for chunk in chunks:
+        buf += chunk
+        while len(buf) >= 2 * _PART_CHARS:
+            cut = buf.rfind("\n", _PART_CHARS // 2, _PART_CHARS + 1)
+            if cut < 0:
+                cut = buf.rfind(" ", _PART_CHARS // 2, _PART_CHARS + 1)
+            cut = _PART_CHARS if cut < 0 else cut + 1
+            if held is not None:
+                yield held, False
+            held, buf = buf[:cut], buf[cut:]
+    if held is not None:
+        yield held, not buf
+    if buf or held is None:
+        yield buf, True
+
+
+def _report(source: str, status: str, detail: str = "", count: int = 1) -> dict[str, Any]:
+    return {
+        "text": "",
+        "source": source,
+        "group": source,
+        "part": 0,
+        "last": True,
+        "status": status,
+        "note": detail,
+        "count": count,
+        "chars": 0,
+        "hash": b"",
+    }
+
+
+def _doc(
+    text: str, source: str, group: str, normalize: bool, part: int = 0, last: bool = True
+) -> dict[str, Any]:
+    cleaned = clean_text(text, normalize)
+    return {
+        "text": cleaned,
+        "source": source,
+        "group": group,
+        "part": part,
+        "last": last,
+        "status": "ok",
+        "note": "normalized" if cleaned != text else "",
+        "count": 1,
+        "chars": len(cleaned),
+        "hash": hashlib.blake2b(cleaned.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
+    }
+
+
+def _text_docs(text: str, source: str, group: str, normalize: bool) -> Iterator[dict[str, Any]]:
+    """One document, cut into parts when it is huge."""
+    if len(text) < 2 * _PART_CHARS:
+        yield _doc(text, source, group, normalize)
+        return
+    n = 0
+    for n, (part, last) in enumerate(_cut_parts([text])):  # noqa: B007
+        yield _doc(part, source if n == 0 else f"{source}#{n}", group, normalize, n, last)
+    yield _report(source, "split", f"{n + 1} parts")
+
+
+def _read_text_file(path: str, normalize: bool) -> Iterator[dict[str, Any]]:
+    with open(path, "rb") as f:
+        head = f.read(_READ_BYTES)
+        if b"\x00" in head[:8192]:
+            yield _report(path, "binary", "NUL bytes in the first 8 KB")
+            return
+        _REPLACED[0] = 0
+        dec = codecs.getincrementaldecoder("utf-8-sig")(errors="lora_dapt_replace")
+
+        def chunks() -> Iterator[str]:
+            data = head
+            while data:
+                yield dec.decode(data)
+                data = f.read(_READ_BYTES)
+            yield dec.decode(b"", final=True)
+
+        n = 0
+        for n, (part, last) in enumerate(_cut_parts(chunks())):  # noqa: B007
+            yield _doc(part, path if n == 0 else f"{path}#{n}", path, normalize, n, last)
+        if n:
+            yield _report(path, "split", f"{n + 1} parts")
+        if _REPLACED[0]:
+            yield _report(path, "undecodable", f"{_REPLACED[0]} bytes replaced")
+
+
+def _row_text(row: Any, text_field: str) -> str | None:
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict):
+        value = row.get(text_field)
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _read_rows(
+    rows: Iterable[tuple[str, Any]], path: str, text_field: str, normalize: bool
+) -> Iterator[dict[str, Any]]:
+    bad: list[str] = []
+    n_bad = 0
+    for name, row in rows:
+        text = _row_text(row, text_field)
+        if text is None:
+            n_bad += 1
+            if len(bad) < 3:
+                bad.append(
+                    name if not isinstance(row, dict) else f"{name} (keys: {', '.join(map(str, row))[:80]})"
+                )
+            continue
+        yield from _text_docs(text, name, name, normalize)
+    if n_bad:
+        yield _report(
+            path, "bad_rows", f"{n_bad} rows without a string '{text_field}': {'; '.join(bad)}", n_bad
+        )
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            line = raw.decode("utf-8", errors="lora_dapt_replace").strip()
+            if not line:
+                continue
+            try:
+                yield f"{path}:{i}", json.loads(line)
+            except ValueError:
+                yield f"{path}:{i}", None  # counted as a bad row
+
+
+def _json_rows(path: str) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8-sig", errors="lora_dapt_replace") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            if "Extra data" in str(e):  # JSON Lines saved as .json
+                yield from _jsonl_rows(path)
+                return
+            raise
+    if isinstance(data, dict):  # {"data": [...]} or a single record
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else [data]
+    if not isinstance(data, list):
+        data = [data]
+    for i, row in enumerate(data):
+        yield f"{path}[{i}]", row
+
+
+def _parquet_rows(path: str, text_field: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        yield path, {"columns": pf.schema_arrow.names}  # one bad row naming the columns
+        return
+    i = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            yield f"{path}[{i}]", {text_field: value}
+            i += 1
+
+
+def _csv_rows(path: str) -> Iterator[tuple[str, Any]]:
+    csv.field_size_limit(sys.maxsize)  # huge cells are documents, not errors
+    with open(path, encoding="utf-8-sig", errors="lora_dapt_replace", newline="") as f:
+        for i, row in enumerate(csv.DictReader(f), start=2):
+            yield f"{path}:{i}", row
+
+
+def _read_file(path: str, text_field: str, normalize: bool) -> Iterator[dict[str, Any]]:
+    """Rows (documents and reports) of one file; a file that fails gives a report row, never an exception."""
+    ext = Path(path).suffix.lower()
+    if ext not in TEXT_EXTENSIONS + TABLE_EXTENSIONS:
+        yield _report(path, "unknown_extension", ext or "(none)")
+        return
+    yield _report(path, "file_read", "", 1)
+    try:
+        if ext in TEXT_EXTENSIONS:
+            yield from _read_text_file(path, normalize)
+            return
+        if ext == ".parquet":
+            rows: Iterable[tuple[str, Any]] = _parquet_rows(path, text_field)
+        else:
+            with open(path, "rb") as f:
+                if b"\x00" in f.read(8192):
+                    yield _report(path, "binary", "NUL bytes in the first 8 KB")
+                    return
+            rows = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}[ext](path)
+        yield from _read_rows(rows, path, text_field, normalize)
+    except (OSError, ValueError, csv.Error, RecursionError) as e:
+        yield _report(path, "unreadable", f"{type(e).__name__}: {e}"[:300])
+    except Exception as e:  # pyarrow raises its own types for corrupt parquet files
+        if type(e).__module__.startswith("pyarrow"):
+            yield _report(path, "unreadable", f"{type(e).__name__}: {e}"[:300])
+        else:
+            raise
+
+
+def _resolve(spec: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Files named by a path, glob or directory (recursive, sorted), and report rows for what was skipped."""
+    reports: list[dict[str, Any]] = []
+    if any(c in spec for c in "*?["):
+        found = sorted(p for p in globlib.glob(spec, recursive=True) if os.path.isfile(p))
+        if not found:
+            reports.append(_report(spec, "not_found", "the glob matched no file"))
+        return found, reports
+    p = Path(spec)
+    if p.is_file():
+        return [str(p)], reports
+    if p.is_dir():
+        files = []
+        for root, dirs, names in os.walk(p):
+            for d in [d for d in dirs if d.startswith(".")]:
+                reports.append(_report(os.path.join(root, d), "hidden", "hidden directory"))
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for n in sorted(names):
+                full = os.path.join(root, n)
+                (
+                    reports.append(_report(full, "hidden", "hidden file"))
+                    if n.startswith(".")
+                    else files.append(full)
+                )
+        return files, reports
+    reports.append(_report(spec, "not_found", "no such file or directory"))
+    return [], reports
+
+
+def _write_rows(path: str, rows: Iterable[dict[str, Any]]) -> None:
+    from datasets.arrow_writer import ArrowWriter
+
+    with ArrowWriter(features=_DOC_FEATURES, path=path, writer_batch_size=1000) as writer:
+        for row in rows:
+            writer.write(row)
+        writer.finalize()
+
+
+def _read_files_job(args: tuple[str, list[str], list[dict[str, Any]], str, bool]) -> str:
+    path, files, reports, text_field, normalize = args
+
+    def rows() -> Iterator[dict[str, Any]]:
+        yield from reports
+        for f in files:
+            yield from _read_file(f, text_field, normalize)
+
+    _write_rows(path, rows())
+    return path
+
+
+def _source_rows(src: Any, name: str, text_field: str, normalize: bool) -> Iterator[dict[str, Any]]:
+    """Rows of an in-memory source: a list of texts, a Dataset or an IterableDataset."""
+    if isinstance(src, (datasets.Dataset, datasets.IterableDataset)):
+        cols = src.column_names
+        if cols is not None and text_field not in cols:
+            yield _report(name, "bad_rows", f"no column '{text_field}' (columns: {', '.join(cols)})")
+            return
+        rows: Iterable[Any] = (
+            r[text_field] if isinstance(r, dict) else r for r in src.select_columns([text_field])
+        )
+    else:
+        rows = src
+    yield from _read_rows(((f"{name}[{i}]", r) for i, r in enumerate(rows)), name, text_field, normalize)
+
+
+def _is_texts(src: Any) -> bool:
+    return isinstance(src, (list, tuple)) and all(isinstance(s, str) for s in src)
+
+
+def _read_sources(
+    sources: Sequence[Any], text_field: str, normalize: bool, work: Path, tag: str, num_proc: int
+) -> datasets.Dataset:
+    """All sources -> one Arrow table of document rows and report rows (memory-mapped, not in RAM)."""
+    files: list[str] = []
+    reports: list[dict[str, Any]] = []
+    memory: list[tuple[str, Any]] = []
+    for i, src in enumerate(sources):
+        if isinstance(src, (str, os.PathLike)):
+            found, rep = _resolve(str(src))
+            files += found
+            reports += rep
+        elif isinstance(src, (datasets.Dataset, datasets.IterableDataset)) or _is_texts(src):
+            kind = "texts" if _is_texts(src) else type(src).__name__
+            memory.append((f"{tag}:{kind}#{i}", src))
+        else:
+            raise DataError(
+                f"{tag} source #{i} is a {type(src).__name__}: give a path, glob or directory, a datasets.Dataset "
+                "or IterableDataset, or a list of document texts"
+            )
+    n_jobs = max(1, min(num_proc, len(files) // 16))
+    shards = [files[j::n_jobs] for j in range(n_jobs)]
+    jobs = [
+        (str(work / f"{tag}-files-{j:05d}.arrow"), shard, reports if j == 0 else [], text_field, normalize)
+        for j, shard in enumerate(shards)
+    ]
+    if n_jobs > 1:
+        with ProcessPoolExecutor(n_jobs) as pool:
+            paths = list(pool.map(_read_files_job, jobs))
+    else:
+        paths = [_read_files_job(jobs[0])]
+    for j, (name, src) in enumerate(memory):
+        path = str(work / f"{tag}-memory-{j:05d}.arrow")
+        _write_rows(path, _source_rows(src, name, text_field, normalize))
+        paths.append(path)
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in paths])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cleaning, split
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Tally:
+    """Counts and up to 10 example names per reason."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, name: str, n: int = 1) -> None:
+        self.counts[reason] += n
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < 10:
+            ex.append(name)
+
+
+def _shingles(text: str, k: int = 5) -> list[bytes]:
+    words = text.split()
+    if len(words) <= k:
+        return [" ".join(words).encode()]
+    return [" ".join(words[i : i + k]).encode() for i in range(len(words) - k + 1)]
+
+
+def _select_documents(
+    docs: datasets.Dataset, cfg: DataConfig, tally: _Tally, drop_hashes: set[bytes] | None = None
+) -> tuple[list[int], int]:
+    """Indices of the document rows that survive cleaning, in order; counts every drop and report.
+
+    Returns (kept indices, number of documents read). ``drop_hashes``: documents with these hashes are
+    dropped as ``in_eval`` (training documents identical to an explicit eval document).
+    """
+    cols = docs.select_columns(["status", "count", "chars", "source", "text", "hash", "note"]).data
+    status = cols.column("status").to_pylist()
+    count = cols.column("count").to_pylist()
+    chars = np.asarray(cols.column("chars").to_numpy())
+    notes = cols.column("note").to_pylist()
+    hashes = cols.column("hash").to_pylist()
+    sources = cols.column("source").to_pylist()
+    seen: set[bytes] = set()
+    kept: list[int] = []
+    n_read = 0
+    empty = set()
+    for i, st in enumerate(status):
+        if st != "ok":
+            name = f"{sources[i]} ({notes[i]})" if st in ("bad_rows", "unreadable") else sources[i]
+            tally.add(st, name if st != "file_read" else "", count[i])
+            continue
+        n_read += 1
+        if notes[i] == "normalized":
+            tally.counts["normalized"] += 1
+        if chars[i] == 0:
+            empty.add(i)
+            tally.add("empty", sources[i])
+        elif chars[i] < cfg.min_chars:
+            tally.add("too_short", sources[i])
+        elif drop_hashes is not None and hashes[i] in drop_hashes:
+            tally.add("in_eval", sources[i])
+        elif cfg.dedupe and hashes[i] in seen:
+            tally.add("duplicate", sources[i])
+        else:
+            seen.add(hashes[i])
+            kept.append(i)
+    # a whitespace-only document is empty too (chars counts the cleaned text; without normalisation it may
+    # be all blanks)
+    if not cfg.normalize:
+        texts = cols.column("text")
+        still = []
+        for i in kept:
+            if not texts[i].as_py().strip():
+                tally.add("empty", sources[i])
+            else:
+                still.append(i)
+        kept = still
+    if cfg.near_dedupe and kept:
+        kept = _near_dedupe(docs, kept, cfg.near_dedupe_threshold, tally)
+    return kept, n_read
+
+
+def _near_dedupe(docs: datasets.Dataset, kept: list[int], threshold: float, tally: _Tally) -> list[int]:
+    from datasketch import MinHash, MinHashLSH
+    from tqdm.auto import tqdm
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=128)
+    out = []
+    texts = docs.data.column("text")
+    sources = docs.data.column("source")
+    for i in tqdm(kept, desc="near-duplicates", unit="doc", disable=len(kept) < 1000):
+        m = MinHash(num_perm=128, seed=1)
+        m.update_batch(_shingles(texts[i].as_py()))
+        if lsh.query(m):
+            tally.add("near_duplicate", sources[i].as_py())
+            continue
+        lsh.insert(str(i), m)
+        out.append(i)
+    return out
+
+
+def _split(
+    docs: datasets.Dataset, kept: list[int], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Hold out whole documents: all rows of a group (a file's parts) go to the same side."""
+    groups = docs.data.column("group")
+    order: dict[str, int] = {}
+    for i in kept:
+        order.setdefault(groups[i].as_py(), len(order))
+    n = len(order)
+    n_eval = round(fraction * n)
+    if fraction > 0 and n >= 2:
+        n_eval = min(max(n_eval, 1), n - 1)
+    elif fraction > 0:
+        log.warning("only one document: nothing held out for evaluation (add documents or eval_sources)")
+        n_eval = 0
+    ids = list(range(n))
+    random.Random(seed).shuffle(ids)
+    held = set(ids[:n_eval])
+    train, ev = [], []
+    for i in kept:
+        (ev if order[groups[i].as_py()] in held else train).append(i)
+    return train, ev
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenize, pack
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _tokenize_batch(
+    batch: dict[str, list[Any]],
+    idx: list[int],
+    tokenizer: Any,
+    seq_len: int,
+    bos: int | None,
+    eos: int | None,
+) -> dict[str, list[Any]]:
+    """Documents -> pieces of at most seq_len tokens, special tokens added by hand so counts are exact."""
+    if getattr(tokenizer, "is_fast", False):
+        encs = tokenizer.backend_tokenizer.encode_batch_fast(batch["text"], add_special_tokens=False)
+        ids_list = [e.ids for e in encs]
+    else:
+        ids_list = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    out_ids: list[list[int]] = []
+    out_len: list[int] = []
+    out_doc: list[int] = []
+    for ids, part, last, d in zip(ids_list, batch["part"], batch["last"], idx, strict=True):
+        if bos is not None and part == 0:
+            ids = [bos] + ids
+        if eos is not None and last:
+            ids = ids + [eos]
+        for s in range(0, len(ids), seq_len):
+            piece = ids[s : s + seq_len]
+            out_ids.append(piece)
+            out_len.append(len(piece))
+            out_doc.append(d)
+    return {"input_ids": out_ids, "length": out_len, "doc": out_doc}
+
+
+def _pack_batch(batch: dict[str, list[Any]], seq_len: int, pad_id: int) -> dict[str, Any]:
+    ids, pos, lab, _ = packing._pack_arrays(batch["input_ids"], seq_len, pad_id)
+    return {
+        "input_ids": ids.astype(np.int32),
+        "position_ids": pos.astype(np.int32),
+        "labels": lab.astype(np.int32),
+    }
+
+
+def _block_features() -> datasets.Features:
+    return datasets.Features({c: datasets.Sequence(datasets.Value("int32")) for c in _BLOCK_COLUMNS})
+
+
+def _tokenize(
+    docs: datasets.Dataset,
+    tokenizer: Any,
+    cfg: DataConfig,
+    bos: int | None,
+    eos: int | None,
+    path: Path,
+    desc: str,
+) -> datasets.Dataset:
+    return docs.map(
+        _tokenize_batch,
+        with_indices=True,
+        batched=True,
+        batch_size=_TOKENIZE_BATCH,
+        remove_columns=docs.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "seq_len": cfg.seq_len, "bos": bos, "eos": eos},
+        features=_PIECE_FEATURES,
+        num_proc=cfg.num_proc if cfg.num_proc > 1 and len(docs) >= 64 else None,
+        cache_file_name=str(path),
+        new_fingerprint=_sha(str(path))[:16],
+        desc=desc,
+    )
+
+
+def _pack(pieces: datasets.Dataset, seq_len: int, pad_id: int, path: Path, desc: str) -> datasets.Dataset:
+    # one process: packing is numpy work on small batches, and one output file keeps the cache simple
+    return pieces.map(
+        _pack_batch,
+        batched=True,
+        batch_size=_PACK_BATCH,
+        remove_columns=pieces.column_names,
+        fn_kwargs={"seq_len": seq_len, "pad_id": pad_id},
+        features=_block_features(),
+        cache_file_name=str(path),
+        new_fingerprint=_sha(str(path))[:16],
+        desc=desc,
+    )
+
+
+def _lengths(pieces: datasets.Dataset) -> np.ndarray:
+    return np.asarray(pieces.data.column("length").to_numpy(), dtype=np.int64)
+
+
+def _select_replay(pieces: datasets.Dataset, target: int) -> tuple[datasets.Dataset, int, int]:
+    """The first pieces (in the seeded replay order) up to ``target`` tokens, the last one cut to fit.
+
+    Returns (pieces, tokens, documents touched).
+    """
+    lengths = _lengths(pieces)
+    docs = np.asarray(pieces.data.column("doc").to_numpy())
+    cum = np.cumsum(lengths)
+    if len(cum) == 0 or cum[-1] <= target:
+        return pieces, int(cum[-1]) if len(cum) else 0, len(np.unique(docs))
+    k = int(np.searchsorted(cum, target, side="left"))  # pieces[0..k] reach the target
+    chosen = pieces.select(range(k + 1))
+    over = int(cum[k] - target)
+    if over:
+        row = chosen[k]
+        last = row["input_ids"][: int(lengths[k]) - over]
+        tail = datasets.Dataset.from_dict(
+            {"input_ids": [last], "length": [len(last)], "doc": [row["doc"]]}, features=_PIECE_FEATURES
+        )
+        chosen = datasets.concatenate_datasets([chosen.select(range(k)), tail]) if k else tail
+    return chosen, target, len(np.unique(docs[: k + 1]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _describe(sources: Sequence[Any]) -> list[Any] | None:
+    """A cache-key description of the sources, or None when one cannot be fingerprinted."""
+    out: list[Any] = []
+    for src in sources:
+        if isinstance(src, (str, os.PathLike)):
+            files, _ = _resolve(str(src))
+            stamps = []
+            for f in files:
+                try:
+                    st = os.stat(f)
+                    stamps.append((f, st.st_size, st.st_mtime_ns))
+                except OSError:
+                    stamps.append((f, None, None))
+            out.append(["path", str(src), stamps])
+        elif isinstance(src, datasets.Dataset):
+            out.append(["dataset", src._fingerprint])
+        elif _is_texts(src):
+            h = hashlib.sha256()
+            for s in src:
+                h.update(hashlib.sha256(s.encode("utf-8", "surrogatepass")).digest())
+            out.append(["texts", h.hexdigest()])
+        else:
+            return None
+    return out
+
+
+def _tokenizer_key(tokenizer: Any) -> str:
+    if getattr(tokenizer, "is_fast", False):
+        return _sha(tokenizer.backend_tokenizer.to_str())
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash(tokenizer)
+
+
+def resolve_special_tokens(tokenizer: Any, cfg: DataConfig) -> tuple[int | None, int | None]:
+    """(BOS id or None, EOS id or None) to put around each document.
+
+    BOS: ``add_bos`` True -> always (an error if the tokenizer has none); None -> only when the tokenizer
+    adds it by itself (Llama, Gemma, Mistral do; GPT-2, Qwen, SmolLM do not). EOS: when ``add_eos`` and the
+    tokenizer has one (a warning otherwise).
+    """
+    bos_id = tokenizer.bos_token_id
+    if cfg.add_bos is True and bos_id is None:
+        raise DataError(
+            "data.add_bos = true but the tokenizer has no BOS token: set data.add_bos to null or false"
+        )
+    if cfg.add_bos is None:
+        try:
+            probe = tokenizer("x").input_ids
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot encode "x" adds nothing we can see
+            probe = []
+        use_bos = bos_id is not None and bool(probe) and probe[0] == bos_id
+    else:
+        use_bos = cfg.add_bos
+    eos_id = tokenizer.eos_token_id
+    if cfg.add_eos and eos_id is None:
+        log.warning("the tokenizer has no EOS token: documents are packed without an end marker")
+    return (bos_id if use_bos else None), (eos_id if cfg.add_eos else None)
+
+
+def _as_list(sources: Any) -> list[Any]:
+    if sources is None:
+        return []
+    if isinstance(sources, (str, os.PathLike, datasets.Dataset, datasets.IterableDataset)):
+        return [sources]
+    return list(sources)
+
+
+def _problem_text(stats: CorpusStats) -> str:
+    parts = [f"{stats.files_read} files read", f"{stats.documents_read} documents"]
+    parts += [f"{n} {_DROPS.get(k, k)}" for k, n in stats.dropped.items() if n]
+    parts += [
+        f"{n} {_PROBLEMS.get(k, k)}"
+        + (f" ({', '.join(stats.examples.get(k, [])[:3])})" if stats.examples.get(k) else "")
+        for k, n in stats.problems.items()
+        if n
+    ]
+    return "; ".join(parts)
+
+
+def prepare_corpus(
+    sources: Source | Sequence[Source] | None,
+    tokenizer: Any,
+    config: DataConfig | None = None,
+    *,
+    eval_sources: Source | Sequence[Source] | None = None,
+    replay_sources: Source | Sequence[Source] | None = None,
+    use_cache: bool = True,
+) -> Corpus:
+    """Read, clean, split, tokenize and pack a domain corpus (see the module docstring for the trade-offs).
+
+    Args:
+        sources: paths, globs, directories (recursive), ``datasets.Dataset``/``IterableDataset`` objects, or
+            lists of document texts; a single one or a list of them. A plain ``list[str]`` is read as PATHS
+            (like ``DataConfig.sources``); to pass texts, nest them: ``[["doc one", "doc two"]]``, or use
+            ``datasets.Dataset.from_dict({"text": texts})``. None: ``config.sources``.
+        tokenizer: a transformers tokenizer (fast ones are used through their Rust backend).
+        config: cleaning, split, packing and replay settings (default ``DataConfig()``).
+        eval_sources, replay_sources: override ``config.eval_sources``/``config.replay_sources`` (same forms
+            as ``sources``, so datasets and texts work too).
+        use_cache: load the result from ``cache_dir`` when the same inputs were prepared before.
+
+    Raises:
+        DataError: no document left, or a source of an unsupported type; the message lists what was read
+            and dropped.
+    """
+    t0 = time.perf_counter()
+    cfg = config or DataConfig()
+    src = _as_list(sources) if sources is not None else list(cfg.sources)
+    ev_src = _as_list(eval_sources) if eval_sources is not None else list(cfg.eval_sources)
+    rp_src = _as_list(replay_sources) if replay_sources is not None else list(cfg.replay_sources)
+    if not src:
+        raise DataError("no sources given: pass files, globs, directories or datasets (data.sources)")
+    if cfg.replay_fraction > 0 and not rp_src:
+        raise DataError(f"replay_fraction = {cfg.replay_fraction} but no replay sources: give replay_sources")
+    bos, eos = resolve_special_tokens(tokenizer, cfg)
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None), 0)
+
+    root = Path(cfg.cache_dir) if cfg.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    root = root / "lora_dapt-corpus"
+    described = [_describe(s) for s in (src, ev_src, rp_src)]
+    key = None
+    if all(d is not None for d in described):
+        settings = {
+            k: v
+            for k, v in cfg.to_dict().items()
+            if k not in ("num_proc", "cache_dir", "sources", "eval_sources", "replay_sources")
+        }
+        blob = json.dumps(
+            [_VERSION, described, settings, _tokenizer_key(tokenizer), bos, eos, pad_id], default=str
+        )
+        key = _sha(blob)[:24]
+        final = root / key
+        if use_cache and (final / "stats.json").is_file():
+            return _load_cached(final, t0)
+    else:
+        log.info("an IterableDataset source cannot be fingerprinted: the prepared corpus is not cached")
+
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(root / f"tmp-{key or 'nocache'}-{os.getpid()}-{time.time_ns()}")
+    work.mkdir(parents=True)
+    try:
+        corpus = _build(src, ev_src, rp_src, tokenizer, cfg, bos, eos, pad_id, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    corpus.stats.seconds = time.perf_counter() - t0
+    if key is None:  # not cacheable: keep the work dir (the datasets live there) under a unique name
+        corpus.stats.cache_path = str(work)
+        (work / "stats.json").write_text(json.dumps(corpus.stats.to_dict(), indent=1))
+        log.info(corpus.stats.log_line())
+        return corpus
+    final = root / key
+    corpus.stats.cache_path = str(final)
+    (work / "stats.json").write_text(json.dumps(corpus.stats.to_dict(), indent=1))
+    (work / "eval_documents.json").write_text(json.dumps(corpus.eval_documents))
+    for p in work.iterdir():  # keep only the blocks and the reports
+        if p.name not in ("train.arrow", "eval.arrow", "stats.json", "eval_documents.json"):
+            p.unlink()
+    if final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.replace(work, final)
+    except OSError:  # another process stored the same corpus meanwhile: use theirs
+        shutil.rmtree(work, ignore_errors=True)
+    out = _load_cached(final, t0, announce=False)
+    out.stats.cached = False
+    out.stats.seconds = corpus.stats.seconds
+    log.info(out.stats.log_line())
+    return out
+
+
+def _load_cached(final: Path, t0: float, announce: bool = True) -> Corpus:
+    stats = CorpusStats.from_dict(json.loads((final / "stats.json").read_text()))
+    train = datasets.Dataset.from_file(str(final / "train.arrow"))
+    ev = datasets.Dataset.from_file(str(final / "eval.arrow")) if (final / "eval.arrow").is_file() else None
+    docs_path = final / "eval_documents.json"
+    eval_docs = json.loads(docs_path.read_text()) if docs_path.is_file() else []
+    stats.cached = True
+    stats.seconds = time.perf_counter() - t0
+    stats.cache_path = str(final)
+    if announce:
+        log.info(stats.log_line())
+    return Corpus(train=train, eval=ev, stats=stats, eval_documents=eval_docs)
+
+
+def _build(
+    src: list[Any],
+    ev_src: list[Any],
+    rp_src: list[Any],
+    tokenizer: Any,
+    cfg: DataConfig,
+    bos: int | None,
+    eos: int | None,
+    pad_id: int,
+    work: Path,
+) -> Corpus:
+    tally = _Tally()
+    stats = CorpusStats(seq_len=cfg.seq_len, add_bos=bos is not None, add_eos=eos is not None)
+
+    # 1. read + clean + split (by document)
+    docs = _read_sources(src, cfg.text_field, cfg.normalize, work, "domain", cfg.num_proc)
+    if ev_src:
+        ev_docs = _read_sources(ev_src, cfg.text_field, cfg.normalize, work, "eval", cfg.num_proc)
+        ev_idx, n_ev_read = _select_documents(ev_docs, cfg, tally)
+        ev_hashes = set(ev_docs.data.column("hash").take(ev_idx).to_pylist()) if ev_idx else set()
+        train_idx, n_read = _select_documents(docs, cfg, tally, drop_hashes=ev_hashes)
+        n_read += n_ev_read
+        train_docs, eval_docs = docs.select(train_idx), ev_docs.select(ev_idx)
+    else:
+        kept, n_read = _select_documents(docs, cfg, tally)
+        train_idx, ev_idx = _split(docs, kept, cfg.eval_fraction, cfg.seed)
+        train_docs, eval_docs = docs.select(train_idx), docs.select(ev_idx)
+    stats.files_read = tally.counts.pop("file_read", 0)
+    tally.examples.pop("file_read", None)
+    stats.normalized = tally.counts.pop("normalized", 0)
+    stats.documents_read = n_read
+    stats.documents_kept = len(train_docs) + len(eval_docs)
+    stats.dropped = {k: tally.counts.get(k, 0) for k in _DROPS}
+    stats.problems = {k: n for k, n in tally.counts.items() if k not in _DROPS}
+    stats.examples = {k: v for k, v in tally.examples.items() if v}
+    for k, n in stats.problems.items():
+        log.warning("%d %s, e.g. %s", n, _PROBLEMS.get(k, k), ", ".join(stats.examples.get(k, [])[:3]))
+    if len(train_docs) == 0:
+        raise DataError(
+            f"no training documents left after cleaning: {_problem_text(stats)}. Check the sources and "
+            "text_field, or relax min_chars / dedupe"
+        )
+    stats.train_documents, stats.eval_documents = len(train_docs), len(eval_docs)
+    chars = np.asarray(docs.data.column("chars").to_numpy())
+    ev_chars = np.asarray(ev_docs.data.column("chars").to_numpy()) if ev_src else chars
+    stats.characters = int(chars[train_idx].sum() + (ev_chars[ev_idx].sum() if ev_idx else 0))
+
+    # 2. tokenize into pieces of <= seq_len
+    train_pieces = _tokenize(
+        train_docs, tokenizer, cfg, bos, eos, work / "train-pieces.arrow", "tokenizing train"
+    )
+    eval_pieces = (
+        _tokenize(eval_docs, tokenizer, cfg, bos, eos, work / "eval-pieces.arrow", "tokenizing eval")
+        if len(eval_docs)
+        else None
+    )
+    specials = (bos is not None) + (eos is not None)
+    domain_tokens = int(_lengths(train_pieces).sum())
+    eval_tokens = int(_lengths(eval_pieces).sum()) if eval_pieces is not None else 0
+    n_pieces = len(train_pieces) + (len(eval_pieces) if eval_pieces is not None else 0)
+    text_tokens = domain_tokens + eval_tokens - specials * stats.documents_kept
+    stats.special_tokens = specials * stats.documents_kept
+    stats.tokens_per_char = text_tokens / stats.characters if stats.characters else 0.0
+    stats.continuation_pieces = n_pieces - stats.documents_kept
+
+    # 3. replay: general text, a seeded sample of whole documents (the last one cut to fit the token budget)
+    if cfg.replay_fraction > 0:
+        rp_docs = _read_sources(rp_src, cfg.text_field, cfg.normalize, work, "replay", cfg.num_proc)
+        rp_tally = _Tally()
+        rp_idx, _ = _select_documents(rp_docs, cfg.replace(min_chars=1, near_dedupe=False), rp_tally)
+        random.Random(cfg.seed + 1).shuffle(rp_idx)
+        target = math.ceil(domain_tokens * cfg.replay_fraction / (1 - cfg.replay_fraction))
+        # tokenize only about as many characters as the budget needs (x1.5 + 64 documents of margin)
+        chars = np.asarray(rp_docs.data.column("chars").to_numpy())[rp_idx] if rp_idx else np.zeros(0)
+        budget = target / max(stats.tokens_per_char, 1e-3) * 1.5
+        n_take = min(len(rp_idx), int(np.searchsorted(np.cumsum(chars), budget)) + 64)
+        rp_sel = rp_docs.select(rp_idx[:n_take])
+        rp_pieces = _tokenize(
+            rp_sel, tokenizer, cfg, bos, eos, work / "replay-pieces.arrow", "tokenizing replay"
+        )
+        rp_pieces, got, n_docs = _select_replay(rp_pieces, target)
+        if got < target:
+            log.warning(
+                "replay sources hold %d tokens, fewer than the %d asked for (replay_fraction %.3f): all used",
+                got,
+                target,
+                cfg.replay_fraction,
+            )
+        stats.replay_tokens, stats.replay_documents = got, n_docs
+        stats.special_tokens += specials * n_docs
+        train_pieces = datasets.concatenate_datasets([train_pieces, rp_pieces])
+
+    # 4. pack
+    train = _pack(train_pieces, cfg.seq_len, pad_id, work / "train.arrow", "packing train")
+    ev = (
+        _pack(eval_pieces, cfg.seq_len, pad_id, work / "eval.arrow", "packing eval")
+        if eval_pieces is not None
+        else None
+    )
+    stats.train_tokens = domain_tokens + stats.replay_tokens
+    stats.eval_tokens = eval_tokens
+    stats.train_blocks, stats.eval_blocks = len(train), (len(ev) if ev is not None else 0)
+    total = (stats.train_blocks + stats.eval_blocks) * cfg.seq_len
+    stats.padding_tokens = total - stats.train_tokens - stats.eval_tokens
+    stats.padding_fraction = stats.padding_tokens / total if total else 0.0
+    stats.replay_fraction = stats.replay_tokens / stats.train_tokens if stats.train_tokens else 0.0
+
+    eval_texts: list[str] = []
+    n_chars = 0
+    # iterate (not .data): the split is a selection of rows, .data would be the whole table
+    for batch in eval_docs.select_columns(["text"]).iter(batch_size=256) if len(eval_docs) else []:
+        for text in batch["text"]:
+            if n_chars + len(text) > _EVAL_DOCS_CHARS and eval_texts:
+                break
+            eval_texts.append(text)
+            n_chars += len(text)
+        if n_chars >= _EVAL_DOCS_CHARS:
+            break
+    return Corpus(train=train, eval=ev, stats=stats, eval_documents=eval_texts)
