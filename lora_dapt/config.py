@@ -211,7 +211,9 @@ class _Section:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.name.startswith("_")
+            f.name: _plain(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if not f.name.startswith("_")
         }
 
     def replace(self, **changes: Any) -> Any:
@@ -296,7 +298,9 @@ class AdapterConfig(_Section):
 
     def problems(self) -> list[str]:
         out: list[str] = []
-        self._check(out, isinstance(self.r, int) and self.r > 0, "r", "must be > 0 (a LoRA rank such as 8, 16 or 64)")
+        self._check(
+            out, isinstance(self.r, int) and self.r > 0, "r", "must be > 0 (a LoRA rank such as 8, 16 or 64)"
+        )
         self._check(out, _positive(self.alpha), "alpha", "must be > 0 (commonly 2 x r)")
         self._check(out, 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
@@ -431,7 +435,9 @@ class TrainConfig(_Section):
     def problems(self) -> list[str]:
         out: list[str] = []
         self._check(out, _positive(self.learning_rate), "learning_rate", "must be > 0 (e.g. 2e-4 for LoRA)")
-        self._check(out, _positive(self.embedding_learning_rate), "embedding_learning_rate", "must be > 0 or null")
+        self._check(
+            out, _positive(self.embedding_learning_rate), "embedding_learning_rate", "must be > 0 or null"
+        )
         self._check(out, self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         self._check(out, 0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         self._check(out, 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
@@ -440,11 +446,17 @@ class TrainConfig(_Section):
         self._check(out, self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         self._check(out, self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
         self._check(out, _positive(self.epochs), "epochs", "must be > 0 or null")
-        self._check(out, self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1 or null")
+        self._check(
+            out, self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1 or null"
+        )
         self._check(out, self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        self._check(out, _positive(self.max_grad_norm), "max_grad_norm", "must be > 0, or null for no clipping")
+        self._check(
+            out, _positive(self.max_grad_norm), "max_grad_norm", "must be > 0, or null for no clipping"
+        )
         for name in ("logging_every", "save_every", "eval_every"):
-            self._check(out, getattr(self, name) >= (1 if name == "logging_every" else 0), name, "must be >= 0")
+            self._check(
+                out, getattr(self, name) >= (1 if name == "logging_every" else 0), name, "must be >= 0"
+            )
         self._check(out, self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         self._check(out, self.num_workers >= 0, "num_workers", "must be >= 0")
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
@@ -483,9 +495,16 @@ class EvalConfig(_Section):
 
     def problems(self) -> list[str]:
         out: list[str] = []
-        self._check(out, self.max_eval_tokens is None or self.max_eval_tokens >= 2, "max_eval_tokens", "must be >= 2 or null")
+        self._check(
+            out,
+            self.max_eval_tokens is None or self.max_eval_tokens >= 2,
+            "max_eval_tokens",
+            "must be >= 2 or null",
+        )
         self._check(out, self.batch_size >= 1, "batch_size", "must be >= 1")
-        self._check(out, _positive(self.max_general_ppl_increase), "max_general_ppl_increase", "must be > 0 or null")
+        self._check(
+            out, _positive(self.max_general_ppl_increase), "max_general_ppl_increase", "must be > 0 or null"
+        )
         self._check(out, self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         return out
 
@@ -615,17 +634,24 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None, *, check: bool = True) -> RunConfig:
+    def from_yaml(
+        cls, path: str | Path, overrides: list[str] | None = None, *, check: bool = True
+    ) -> RunConfig:
         """Read a YAML file (safe_load), apply ``section.key=value`` overrides, check everything."""
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found (give the path of a YAML file)", header="cannot read config")
+            raise ConfigError(
+                f"{path}: config file not found (give the path of a YAML file)", header="cannot read config"
+            )
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}", header="cannot read config") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train: ...)", header="cannot read config")
+            raise ConfigError(
+                f"{path}: expected a mapping of sections (model:, data:, train: ...)",
+                header="cannot read config",
+            )
         data = apply_overrides(data, overrides or [])
         return cls.from_dict(data, check=check)
 
@@ -675,7 +701,9 @@ def describe_config() -> str:
             if f.name.startswith("_"):
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {f.name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}")
+            lines.append(
+                f"  {f.name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
+            )
             if f.name in docs:
                 lines.append(f"      # {docs[f.name]}")
     return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""The ``lora-dapt`` command line.
+
+Each subcommand is a thin wrapper over the Python API; errors the user can fix (``LoraDaptError``) are
+printed as one readable message with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from .errors import LoraDaptError
+
+EPILOG = """\
+examples:
+  lora-dapt quickstart                          # SmolLM2-135M on Python docs, CPU, ~10 min
+  lora-dapt train config.yaml                   # continued pre-training from a YAML config
+  lora-dapt train config.yaml --set train.max_steps=500 --set adapter.r=64
+  lora-dapt prepare config.yaml                 # corpus statistics only, no training
+  lora-dapt report runs/demo                    # report.md + plots for a run directory
+  lora-dapt merge runs/demo --dtype bfloat16    # verified 16-bit merged model
+  lora-dapt config                              # every config key with its default and meaning
+"""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s lora_dapt: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("transformers", "datasets", "bitsandbytes", "accelerate", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _load_config(args: argparse.Namespace, *, check: bool = True):
+    from .config import RunConfig
+
+    return RunConfig.from_yaml(args.config, overrides=args.set, check=check)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .pipeline import run
+
+    cfg = _load_config(args)
+    result = run(cfg)
+    print(json.dumps({k: v for k, v in result.to_dict().items() if k not in ("before", "after")}, indent=2))
+    if result.forgetting:
+        from .evaluate import format_forgetting
+
+        print(format_forgetting(result.forgetting))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .corpus import prepare_corpus
+    from .model import load_tokenizer, resolve_model_source
+
+    cfg = _load_config(args)
+    tok = load_tokenizer(resolve_model_source(cfg.model.name_or_path, cfg.model.gguf_file))
+    corpus = prepare_corpus(cfg.data.sources, tok, cfg.data)
+    print(corpus.stats.summary())
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import describe_config
+
+    print(describe_config())
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"report written: {path}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_run
+
+    out = merge_run(args.run_dir, output_dir=args.output, dtype=args.dtype, base_source=args.base_source)
+    print(f"merged model written: {out}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "train": (cmd_train, "continued pre-training from a YAML config"),
+    "prepare": (cmd_prepare, "read, clean, split and pack the corpus; print its statistics"),
+    "config": (cmd_config, "list every config key with its default and meaning"),
+    "report": (cmd_report, "write report.md and plots for a run directory"),
+    "merge": (cmd_merge, "merge a run's adapter into a verified 16-bit model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-dapt",
+        description="Domain-adaptive continued pre-training of causal LMs with LoRA/QLoRA.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (func, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        if name in ("train", "prepare"):
+            p.add_argument("config", help="YAML config file (see `lora-dapt config` for every key)")
+            p.add_argument(
+                "--set",
+                action="append",
+                default=[],
+                metavar="SECTION.KEY=VALUE",
+                help="override a config value, e.g. --set train.learning_rate=1e-4 (repeatable)",
+            )
+        if name in ("report", "merge"):
+            p.add_argument("run_dir", help="run directory (train.output_dir of a finished run)")
+        if name == "merge":
+            p.add_argument("--output", default=None, help="output directory (default RUN_DIR/merged)")
+            p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+            p.add_argument(
+                "--base-source",
+                default=None,
+                choices=["original", "dequantized"],
+                help="merge into the original 16-bit base (default) or the dequantized 4-bit base",
+            )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except LoraDaptError as e:
+        print(f"lora-dapt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lora-dapt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""``run``: the whole pipeline for one :class:`RunConfig` (what `lora-dapt train CONFIG.yaml` calls).
+
+The only place that takes the whole RunConfig; every stage below gets its own small config.
+Order: tokenizer -> corpus (fails fast on bad data, before the slow model load) -> 4-bit base -> LoRA ->
+continued pre-training with before/after evaluation -> optional merge.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .config import RunConfig
+from .train import TrainResult
+
+log = logging.getLogger("lora_dapt")
+
+
+def run(config: RunConfig) -> TrainResult:
+    """Run continued pre-training as described by ``config`` and return the :class:`TrainResult`.
+
+    Example::
+
+        import lora_dapt as ld
+        result = ld.run(ld.RunConfig.from_yaml("examples/gpu_8b_qlora.yaml"))
+    """
+    from transformers import set_seed
+
+    from .corpus import prepare_corpus
+    from .model import apply_lora, load_base_model, load_tokenizer, resolve_model_source
+    from .train import continued_pretrain
+
+    config.check()
+    m = config.model
+    source = resolve_model_source(m.name_or_path, m.gguf_file)
+    tokenizer = load_tokenizer(source, trust_remote_code=m.trust_remote_code)
+    corpus = prepare_corpus(config.data.sources, tokenizer, config.data)
+    log.info("corpus ready:\n%s", _summary(corpus))
+    model, tokenizer = load_base_model(
+        m.name_or_path,
+        quantization=m.quantization,
+        compute_dtype=m.compute_dtype,
+        double_quant=m.double_quant,
+        gguf_file=m.gguf_file,
+        device=m.device,
+        trust_remote_code=m.trust_remote_code,
+        attn_implementation=m.attn_implementation,
+    )
+    set_seed(config.train.seed)  # the LoRA init draws from the global generators
+    model = apply_lora(model, config.adapter)
+    result = continued_pretrain(
+        model, tokenizer, corpus, config.train, eval_config=config.eval, run_config=config
+    )
+    if config.merge.enabled and result.stopped is None:
+        from .merge import merge_run
+
+        del model  # the merge reloads the base in 16-bit; free the 4-bit copy first
+        merge_run(result.output_dir, output_dir=config.merge.output_dir, dtype=config.merge.dtype)
+    return result
+
+
+def _summary(corpus: Any) -> str:
+    stats = getattr(corpus, "stats", None)
+    if stats is None:
+        return "(no stats)"
+    return stats.summary() if hasattr(stats, "summary") else str(stats)

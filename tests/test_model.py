@@ -1,0 +1,124 @@
+"""load_base_model and apply_lora on the tiny offline Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_dapt import AdapterConfig
+from lora_dapt.errors import ConfigError, ModelLoadError
+from lora_dapt.model import apply_lora, count_parameters, fix_tokenizer, load_base_model, tied_embeddings
+
+
+def test_nf4_load_quantizes_linears_and_sets_pad(tiny_model_dir):
+    model, tok = load_base_model(tiny_model_dir, quantization="nf4")
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == "Linear4bit"
+    assert q.weight.quant_state.quant_type == "nf4"
+    assert type(model.lm_head).__name__ == "Linear"  # the head stays 16/32-bit
+    # the tokenizer had no pad token: one is chosen that is not EOS, so EOS stays learnable
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert model.lora_dapt_source["quantization"] == "nf4"
+    out = model(input_ids=torch.tensor([[0, 5, 6, 7]]))
+    assert out.logits.shape == (1, 4, len(tok))
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("quant,cls", [("fp4", "Linear4bit"), ("int8", "Linear8bitLt"), (None, "Linear")])
+def test_other_quantizations(tiny_model_dir, quant, cls):
+    model, _ = load_base_model(tiny_model_dir, quantization=quant)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == cls
+
+
+def test_compute_dtype_auto_is_float32_on_cpu(tiny_model_dir):
+    model, _ = load_base_model(tiny_model_dir, quantization="nf4", compute_dtype="auto")
+    assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.float32
+
+
+def test_missing_model_path_is_clear(tmp_path):
+    with pytest.raises(ModelLoadError, match="model not found: .*nope.*config.json"):
+        load_base_model(str(tmp_path / "nope"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json or .gguf file"):
+        load_base_model(empty)
+
+
+def test_pad_falls_back_to_eos_only_without_alternatives():
+    class Tok:
+        pad_token_id = None
+        pad_token = None
+        unk_token = None
+        unk_token_id = None
+        eos_token = "</s>"
+        eos_token_id = 1
+
+        def get_vocab(self):
+            return {"</s>": 1, "a": 2}
+
+    tok = fix_tokenizer(Tok())
+    assert tok.pad_token == "</s>"
+    assert tok.lora_dapt_pad_source == "eos"
+
+
+def test_apply_lora_all_linear_trainable_only_lora(tiny_model_dir):
+    model, _ = load_base_model(tiny_model_dir, quantization="nf4")
+    model = apply_lora(model, AdapterConfig(r=4, alpha=8))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    targets = {n.split(".")[-4] for n in trainable}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    n_train, n_total = count_parameters(model)
+    # r=4 on 7 linears x 2 layers: A (r x in) + B (out x r)
+    h, i, kv = 64, 128, 32
+    per_layer = 4 * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
+    assert n_train == 2 * per_layer
+    assert n_total > n_train
+
+
+def test_apply_lora_rslora_dora_and_explicit_targets(tiny_model_dir):
+    model, _ = load_base_model(tiny_model_dir, quantization=None)
+    model = apply_lora(
+        model, AdapterConfig(r=4, alpha=8, use_rslora=True, use_dora=True, target_modules=["q_proj"])
+    )
+    cfg = model.peft_config["default"]
+    assert cfg.use_rslora and cfg.use_dora and cfg.target_modules == {"q_proj"}
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)
+
+
+def test_missing_target_names_available_modules(tiny_model_dir):
+    model, _ = load_base_model(tiny_model_dir, quantization=None)
+    with pytest.raises(
+        ConfigError, match=r"query_key_value not found .* its linear layers are: down_proj, gate_proj"
+    ):
+        apply_lora(model, AdapterConfig(target_modules=["q_proj", "query_key_value"]))
+
+
+def test_train_embeddings_keeps_tied_weights_tied(tiny_tied_model_dir):
+    model, _ = load_base_model(tiny_tied_model_dir, quantization="nf4")
+    assert tied_embeddings(model)
+    model = apply_lora(model, AdapterConfig(r=4, train_embeddings=True))
+    base = model.get_base_model()
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    # both wrapped modules train, and the trained copies are one tensor
+    names = [n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    assert names
+    w_emb = emb.modules_to_save["default"].weight
+    w_head = head.modules_to_save["default"].weight
+    assert w_emb.data_ptr() == w_head.data_ptr()
+
+
+def test_train_embeddings_untied(tiny_model_dir):
+    model, _ = load_base_model(tiny_model_dir, quantization="nf4")
+    model = apply_lora(model, AdapterConfig(r=4, train_embeddings=True))
+    names = {n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n}
+    assert any("embed_tokens" in n for n in names) and any("lm_head" in n for n in names)
+
+
+def test_apply_lora_twice_refused(tiny_model_dir):
+    model, _ = load_base_model(tiny_model_dir, quantization=None)
+    model = apply_lora(model, AdapterConfig(r=2))
+    with pytest.raises(ConfigError, match="already has a LoRA adapter"):
+        apply_lora(model, AdapterConfig(r=2))

@@ -1,0 +1,241 @@
+"""continued_pretrain on the tiny model: learning, frozen base, reload, resume, param groups, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from lora_dapt import AdapterConfig, EvalConfig, TrainConfig
+from lora_dapt.errors import DataError, TrainingError
+from lora_dapt.model import apply_lora, load_adapter, load_base_model
+from lora_dapt.packing import pack_documents
+from lora_dapt.train import causal_lm_loss_sum, continued_pretrain, lr_factor, total_optimizer_steps
+
+from .conftest import make_text
+
+NO_EVAL = EvalConfig(enabled=False)
+
+
+def blocks(tok, texts: list[str], seq_len: int = 32) -> Dataset:
+    docs = [[tok.bos_token_id, *tok(t, add_special_tokens=False).input_ids, tok.eos_token_id] for t in texts]
+    return Dataset.from_list(pack_documents(docs, seq_len, tok.pad_token_id))
+
+
+def qlora(model_dir, **adapter):
+    model, tok = load_base_model(model_dir, quantization="nf4")
+    torch.manual_seed(0)  # the LoRA A matrices are drawn from torch's global generator
+    return apply_lora(model, AdapterConfig(**{"r": 8, "alpha": 16, "dropout": 0.0, **adapter})), tok
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lr_schedules():
+    kw = {"warmup_steps": 10, "min_lr_ratio": 0.1}
+    assert lr_factor(0, 100, **kw) == pytest.approx(1 / 11)
+    assert lr_factor(10, 100, **kw) == pytest.approx(1.0)
+    assert lr_factor(100, 100, **kw) == pytest.approx(0.1)
+    assert lr_factor(55, 100, scheduler="cosine", **kw) == pytest.approx(0.55)
+    assert lr_factor(55, 100, scheduler="linear", **kw) == pytest.approx(0.55)
+    assert lr_factor(70, 100, scheduler="constant", **kw) == 1.0
+    wsd = [lr_factor(s, 100, scheduler="wsd", decay_ratio=0.2, **kw) for s in range(101)]
+    assert wsd[10:80] == [1.0] * 70 and wsd[90] == pytest.approx(0.55) and wsd[100] == pytest.approx(0.1)
+
+
+def test_total_steps_from_steps_epochs_tokens():
+    cfg = TrainConfig(batch_size=2, gradient_accumulation_steps=4)
+    assert total_optimizer_steps(100, cfg, 128) == 13  # one epoch: ceil(100 / 8)
+    assert total_optimizer_steps(100, cfg.replace(epochs=2.0), 128) == 25
+    assert total_optimizer_steps(100, cfg.replace(max_tokens=8 * 128 * 5), 128) == 5
+    assert total_optimizer_steps(100, cfg.replace(max_steps=7, epochs=3.0), 128) == 7
+
+
+def test_chunked_loss_equals_model_loss(tiny_model_dir, monkeypatch):
+    import lora_dapt.train as train_mod
+
+    model, tok = qlora(tiny_model_dir, init_lora_weights=False)
+    ds = blocks(tok, [make_text(30, s) for s in range(4)], seq_len=48)
+    batch = {k: torch.tensor(ds[:2][k]) for k in ("input_ids", "labels", "position_ids")}
+    monkeypatch.setattr(train_mod, "LOSS_CHUNK_TOKENS", 7)  # many chunks, one ragged
+    loss_sum, n = causal_lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+    ref = model(**batch, use_cache=False).loss  # transformers' own mean over shifted labels
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    assert (loss_sum / n).item() == pytest.approx(ref.item(), rel=1e-5)
+    loss_sum.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_qlora_learns_and_base_stays_frozen(tiny_model_dir, tmp_path):
+    model, tok = qlora(tiny_model_dir)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora_before = lora_state(model)
+    text = make_text(24, seed=7)
+    ds = blocks(tok, [text] * 16, seq_len=32)
+    cfg = TrainConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=30,
+        learning_rate=1e-2,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        scheduler="constant",
+        warmup_steps=2,
+    )
+    result = continued_pretrain(model, tok, ds, cfg, eval_config=NO_EVAL)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["type"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 31))
+    first, last = train_rows[0]["loss"], train_rows[-1]["loss"]
+    assert last < 0.7 * first, (first, last)
+    assert result.steps == 30 and result.final_loss == pytest.approx(last)
+    assert result.tokens_trained == train_rows[-1]["tokens"] > 0
+    assert all(r["tokens_per_s"] > 0 for r in train_rows)
+    # every LoRA B matrix moved; every base weight (4-bit bytes, norms, embeddings) is bit-identical
+    lora_after = lora_state(model)
+    assert all(not torch.equal(lora_before[n], lora_after[n]) for n in lora_after if "lora_B" in n)
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(base_before[n], p.detach()), n
+    # run directory layout
+    run = tmp_path / "run"
+    for f in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "run_info.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer_config.json",
+    ):
+        assert (run / f).is_file(), f
+    assert json.loads((run / "run_info.json").read_text())["base_model"]["quantization"] == "nf4"
+
+
+def test_saved_adapter_reloads_to_same_logits(tiny_model_dir, tmp_path):
+    model, tok = qlora(tiny_model_dir)
+    ds = blocks(tok, [make_text(20, s) for s in range(8)])
+    continued_pretrain(
+        model,
+        tok,
+        ds,
+        TrainConfig(output_dir=str(tmp_path), max_steps=5, learning_rate=1e-2, gradient_accumulation_steps=1),
+        eval_config=NO_EVAL,
+    )
+    x = torch.tensor([ds[0]["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    fresh, _ = load_base_model(tiny_model_dir, quantization="nf4")
+    reloaded = load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        got = reloaded(input_ids=x).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+    # and the adapter did something: differs from the bare base
+    bare, _ = load_base_model(tiny_model_dir, quantization="nf4")
+    with torch.no_grad():
+        assert not torch.allclose(bare(input_ids=x).logits, got, atol=1e-3)
+
+
+def _run(model_dir, out, max_steps, *, stop_at=None, resume=None, save_every=4):
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if stop_at is not None and state.global_step == stop_at:
+                control.should_training_stop = True
+
+    model, tok = qlora(model_dir)
+    ds = blocks(tok, [make_text(25, s) for s in range(24)])
+    cfg = TrainConfig(
+        output_dir=str(out),
+        max_steps=max_steps,
+        learning_rate=5e-3,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        warmup_steps=2,
+        save_every=save_every,
+        resume_from=resume,
+    )
+    result = continued_pretrain(model, tok, ds, cfg, eval_config=NO_EVAL, callbacks=[StopAt()])
+    return model, result
+
+
+def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    full_model, full = _run(tiny_model_dir, tmp_path / "full", 12)
+    _, part = _run(tiny_model_dir, tmp_path / "part", 12, stop_at=6)  # last checkpoint: step 4
+    assert part.steps == 6
+    resumed_model, resumed = _run(tiny_model_dir, tmp_path / "part", 12, resume="latest")
+    assert resumed.steps == full.steps == 12
+    a, b = lora_state(full_model), lora_state(resumed_model)
+    for n in a:
+        assert torch.allclose(a[n], b[n], atol=1e-6), n
+    rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["type"] == "train"]
+    assert steps == list(range(1, 13))  # steps 5-6 of the stopped run were cut back, none twice
+    full_rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in full_rows])  # scheduler position
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in full_rows], rel=1e-4)
+
+
+def test_embedding_param_group_has_its_own_lr(tiny_tied_model_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Grab(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            seen.update({g["name"]: (g["lr"], len(g["params"])) for g in optimizer.param_groups})
+
+    model, tok = qlora(tiny_tied_model_dir, train_embeddings=True)
+    ds = blocks(tok, [make_text(20, s) for s in range(4)])
+    cfg = TrainConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        learning_rate=1e-3,
+        embedding_learning_rate=2e-5,
+        scheduler="constant",
+        gradient_accumulation_steps=1,
+    )
+    continued_pretrain(model, tok, ds, cfg, eval_config=NO_EVAL, callbacks=[Grab()])
+    assert seen["lora"][0] == pytest.approx(1e-3 / 1)  # constant schedule, no warmup
+    assert seen["embeddings"][0] == pytest.approx(2e-5)
+    assert seen["embeddings"][1] >= 1
+    # default: a tenth of the LoRA learning rate
+    seen.clear()
+    model, tok = qlora(tiny_tied_model_dir, train_embeddings=True)
+    continued_pretrain(
+        model,
+        tok,
+        ds,
+        cfg.replace(embedding_learning_rate=None, output_dir=str(tmp_path / "b")),
+        eval_config=NO_EVAL,
+        callbacks=[Grab()],
+    )
+    assert seen["embeddings"][0] == pytest.approx(1e-4)
+
+
+def test_empty_corpus_and_plain_model_are_refused(tiny_model_dir, tmp_path):
+    model, tok = qlora(tiny_model_dir)
+    empty = Dataset.from_dict({"input_ids": [], "labels": [], "position_ids": []})
+    with pytest.raises(DataError, match="training set is empty"):
+        continued_pretrain(model, tok, empty, TrainConfig(output_dir=str(tmp_path)), eval_config=NO_EVAL)
+    bare, tok = load_base_model(tiny_model_dir, quantization=None)
+    with pytest.raises(TrainingError, match="call lora_dapt.apply_lora"):
+        continued_pretrain(
+            bare, tok, blocks(tok, ["a b c"]), TrainConfig(output_dir=str(tmp_path)), eval_config=NO_EVAL
+        )
+
+
+def test_8bit_optimizer_on_cpu_is_refused(tiny_model_dir, tmp_path):
+    model, tok = qlora(tiny_model_dir)
+    with pytest.raises(TrainingError, match="paged_adamw_8bit.*needs a CUDA GPU"):
+        continued_pretrain(
+            model,
+            tok,
+            blocks(tok, ["a b c"]),
+            TrainConfig(output_dir=str(tmp_path), optimizer="paged_adamw_8bit"),
+            eval_config=NO_EVAL,
+        )
