@@ -724,7 +724,8 @@ def forgetting_report(before: dict[str, Any], after: dict[str, Any]) -> dict[str
     """Compare evaluations before and after training, per split.
 
     ``before`` and ``after`` map a split name (``"domain"``, ``"general"``) to an :class:`EvalResult`, its
-    ``to_dict()`` or a bare perplexity. Returns, per split present in either::
+    ``to_dict()`` or a bare perplexity; other entries (such as ``"samples"``) are ignored. Returns, per split
+    present in either::
 
         {"domain": {"ppl_before", "ppl_after", "ppl_change", "bpb_before", "bpb_after", "bpb_change"}, ...}
 
@@ -738,8 +739,9 @@ def forgetting_report(before: dict[str, Any], after: dict[str, Any]) -> dict[str
 'bpb_after': None, 'bpb_change': None}
     """
     before, after = before or {}, after or {}
-    splits = [s for s in ("domain", "general") if s in before or s in after]
-    splits += sorted(s for s in {*before, *after} if s not in splits)
+    # Other entries (the trainer keeps generation "samples" beside the splits) are not evaluations.
+    names = {k for side in (before, after) for k, v in side.items() if _metric(v, "ppl") is not None}
+    splits = [s for s in ("domain", "general") if s in names] + sorted(names - {"domain", "general"})
     report: dict[str, Any] = {}
     for split in splits:
         row: dict[str, Any] = {}
