@@ -1,0 +1,350 @@
+"""merge_adapter / merge_run on tiny random Llamas with non-zero LoRA weights (so a lost update shows)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lora_dapt import merge as merge_mod
+from lora_dapt.config import AdapterConfig
+from lora_dapt.errors import MergeError
+from lora_dapt.merge import REPORT_NAME, merge_adapter, merge_run
+from lora_dapt.model import apply_lora, load_base_model
+
+from .conftest import build_tokenizer, make_text
+
+EVAL_TEXTS = [make_text(16, seed=500 + i) for i in range(3)]
+
+
+def _make_adapter(base_dir: Path, out: Path, *, train_embeddings: bool = False, seed: int = 0) -> Path:
+    """QLoRA adapter with random (non-zero) A and B; trained embeddings/head perturbed away from the base."""
+    torch.manual_seed(seed)
+    model, tok = load_base_model(base_dir, quantization="nf4")
+    cfg = AdapterConfig(
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        init_lora_weights=False,
+        train_embeddings=train_embeddings,
+        gradient_checkpointing=False,
+    )
+    peft_model = apply_lora(model, cfg)
+    if train_embeddings:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "modules_to_save" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+    peft_model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _ids(base_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    return tok(make_text(25, seed=7), return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def _adapter_logits(
+    base_dir: Path, adapter_dir: Path, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(adapter on the float32 base, bare float32 base) logits, computed independently of merge.py."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    plain = base(ids).logits.clone()
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    return peft_model(ids).logits, plain
+
+
+def _reload(path: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def _merge(base: Path, adapter: Path, out: Path, **kw) -> Path:
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("eval_texts", EVAL_TEXTS)
+    return merge_adapter(base, adapter, out, **kw)
+
+
+@pytest.fixture(scope="module")
+def adapter_plain(tiny_model_dir, tmp_path_factory) -> Path:
+    return _make_adapter(tiny_model_dir, tmp_path_factory.mktemp("ad_plain"))
+
+
+@pytest.fixture(scope="module")
+def adapter_tied_emb(tiny_tied_model_dir, tmp_path_factory) -> Path:
+    return _make_adapter(
+        tiny_tied_model_dir, tmp_path_factory.mktemp("ad_tied"), train_embeddings=True, seed=1
+    )
+
+
+@pytest.fixture(scope="module")
+def adapter_untied_emb(tiny_model_dir, tmp_path_factory) -> Path:
+    return _make_adapter(tiny_model_dir, tmp_path_factory.mktemp("ad_untied"), train_embeddings=True, seed=2)
+
+
+def test_merged_model_reloads_without_peft_and_matches_adapter(
+    tiny_model_dir, adapter_plain, tmp_path, capsys
+):
+    out = _merge(tiny_model_dir, adapter_plain, tmp_path / "merged")
+    assert out == tmp_path / "merged"
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", REPORT_NAME} <= names
+    assert any(n.endswith(".safetensors") for n in names)
+    assert "adapter_config.json" not in names and not (tmp_path / "merged.partial").exists()
+
+    ids = _ids(tiny_model_dir)
+    want, plain = _adapter_logits(tiny_model_dir, adapter_plain, ids)
+    with torch.no_grad():
+        got = _reload(out)(ids).logits
+    assert (
+        want - plain
+    ).abs().max() > 0.1  # the adapter changes the model, so the comparison means something
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["passed"] is True
+    assert report["max_abs_logit_diff"] < 1e-4
+    assert report["adapter_effect"] > 0.1
+    assert report["eval_texts"] == 3 and report["eval_tokens"] > 20
+    losses = report["losses"]
+    assert abs(losses["merged"]["loss"] - losses["adapter_16bit_original"]["loss"]) < 1e-4
+    assert losses["adapter_4bit_as_trained"]["loss"] > 0
+    assert report["closer_to_trained"] in ("original", "dequantized")
+    assert "merge PASSED" in capsys.readouterr().out
+
+
+def test_trained_tied_embeddings_stay_tied(tiny_tied_model_dir, adapter_tied_emb, tmp_path):
+    out = _merge(tiny_tied_model_dir, adapter_tied_emb, tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+
+    model = _reload(out)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.data_ptr() == head.data_ptr()
+    trained = load_file(str(adapter_tied_emb / "adapter_model.safetensors"))
+    torch.testing.assert_close(emb, trained["base_model.model.model.embed_tokens.weight"])
+    base_emb = _reload(tiny_tied_model_dir).get_input_embeddings().weight
+    assert (emb - base_emb).abs().max() > 0.01  # the trained embeddings were not dropped
+
+    ids = _ids(tiny_tied_model_dir)
+    want, _ = _adapter_logits(tiny_tied_model_dir, adapter_tied_emb, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["tied_embeddings"] is True and report["trained_embeddings"] is True
+
+
+def test_trained_untied_embeddings_and_head_are_merged(tiny_model_dir, adapter_untied_emb, tmp_path):
+    out = _merge(tiny_model_dir, adapter_untied_emb, tmp_path / "merged")
+    model = _reload(out)
+    trained = load_file(str(adapter_untied_emb / "adapter_model.safetensors"))
+    torch.testing.assert_close(
+        model.get_input_embeddings().weight, trained["base_model.model.model.embed_tokens.weight"]
+    )
+    torch.testing.assert_close(
+        model.get_output_embeddings().weight, trained["base_model.model.lm_head.weight"]
+    )
+    ids = _ids(tiny_model_dir)
+    want, _ = _adapter_logits(tiny_model_dir, adapter_untied_emb, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_dequantized_base_reproduces_the_trained_4bit_model(tiny_model_dir, adapter_plain, tmp_path):
+    out = _merge(tiny_model_dir, adapter_plain, tmp_path / "merged", base_source="dequantized")
+    report = json.loads((out / REPORT_NAME).read_text())
+    losses = report["losses"]
+    as_trained = losses["adapter_4bit_as_trained"]["loss"]
+    assert abs(losses["merged"]["loss"] - losses["adapter_16bit_dequantized"]["loss"]) < 1e-4
+    # The dequantized merge is the 4-bit model as trained (up to kernel rounding); the original is not.
+    gap_dequantized = abs(losses["merged"]["loss"] - as_trained)
+    gap_original = abs(losses["adapter_16bit_original"]["loss"] - as_trained)
+    assert gap_dequantized < 0.25 * gap_original
+    assert report["closer_to_trained"] == "dequantized"
+    # Merged weights differ from the original ones by more than the LoRA update: the NF4 rounding is in them.
+    merged_w = _reload(out).model.layers[0].mlp.down_proj.weight
+    orig_w = _reload(tiny_model_dir).model.layers[0].mlp.down_proj.weight
+    assert (merged_w - orig_w).abs().max() > 1e-3
+
+
+def test_bfloat16_merge_saves_bfloat16(tiny_model_dir, adapter_plain, tmp_path):
+    out = _merge(
+        tiny_model_dir, adapter_plain, tmp_path / "merged", dtype="bfloat16", tolerance=0.1, quantization=None
+    )
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["passed"] and 0 < report["max_abs_logit_diff"] < 0.1 * report["logit_scale"]
+
+
+def test_failed_verification_is_loud_and_not_shipped(tiny_model_dir, adapter_plain, tmp_path):
+    out = tmp_path / "merged"
+    with pytest.raises(MergeError, match="does not reproduce the adapter"):
+        _merge(tiny_model_dir, adapter_plain, out, tolerance=1e-12, quantization=None)
+    assert not out.exists()
+    report = json.loads((tmp_path / "merged.partial" / REPORT_NAME).read_text())
+    assert report["passed"] is False and report["problems"]
+
+
+def test_nan_adapter_is_refused(tiny_model_dir, adapter_plain, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter_plain, bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(MergeError, match=r"corrupted.*layers\.1\.mlp\.up_proj\.lora_B.*1 NaN"):
+        _merge(tiny_model_dir, bad, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+
+
+def test_mismatched_base_names_both(adapter_plain, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other_base"
+    tok = build_tokenizer(other)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(other)
+    recorded = json.loads((adapter_plain / "adapter_config.json").read_text())["base_model_name_or_path"]
+    with pytest.raises(MergeError, match="base model mismatch") as err:
+        _merge(other, adapter_plain, tmp_path / "merged")
+    msg = str(err.value)
+    assert recorded in msg and str(other) in msg
+    assert "hidden_size: 64 vs 32" in msg
+
+
+def test_shape_mismatch_is_reported_per_tensor(tiny_model_dir, adapter_plain, tmp_path):
+    moved = tmp_path / "moved"  # the recorded base no longer exists: only the shape check can catch it
+    shutil.copytree(adapter_plain, moved)
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "org/some-other-model"
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(moved / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key] = torch.zeros(4, 48)
+    save_file(tensors, str(moved / "adapter_model.safetensors"))
+    with pytest.raises(
+        MergeError, match=r"org/some-other-model.*(\n.*)*q_proj: lora_A expects 48 input features"
+    ):
+        _merge(tiny_model_dir, moved, tmp_path / "merged")
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_pickle_adapter_bin_is_never_executed(tiny_model_dir, adapter_plain, tmp_path):
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    shutil.copy(adapter_plain / "adapter_config.json", evil)
+    marker = tmp_path / "marker.txt"
+    with open(evil / "adapter_model.bin", "wb") as f:
+        pickle.dump({"x": _Evil(marker)}, f)
+    with pytest.raises(MergeError, match="refusing to load .*adapter_model.bin"):
+        _merge(tiny_model_dir, evil, tmp_path / "merged")
+    assert not marker.exists()
+
+
+def test_plain_tensor_adapter_bin_is_loaded_safely(tiny_model_dir, adapter_plain, tmp_path):
+    as_bin = tmp_path / "as_bin"
+    as_bin.mkdir()
+    shutil.copy(adapter_plain / "adapter_config.json", as_bin)
+    torch.save(load_file(str(adapter_plain / "adapter_model.safetensors")), as_bin / "adapter_model.bin")
+    out = _merge(tiny_model_dir, as_bin, tmp_path / "merged", quantization=None)
+    ids = _ids(tiny_model_dir)
+    want, _ = _adapter_logits(tiny_model_dir, adapter_plain, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(_reload(out)(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_too_little_disk_space_is_refused(tiny_model_dir, adapter_plain, tmp_path, monkeypatch):
+    monkeypatch.setattr(merge_mod, "_free_bytes", lambda path: 1000)
+    with pytest.raises(MergeError, match=r"not enough disk space .* GiB needed \(float32\)"):
+        _merge(tiny_model_dir, adapter_plain, tmp_path / "merged")
+
+
+def test_existing_output_needs_overwrite(tiny_model_dir, adapter_plain, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(MergeError, match="not empty"):
+        _merge(tiny_model_dir, adapter_plain, out)
+    assert (out / "keep.txt").exists()
+
+
+def _run_dir(tmp_path: Path, base: Path, adapter: Path, *, gguf_file: str | None = None) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "adapter")
+    config = {
+        "model": {"name_or_path": str(base), "quantization": "nf4", "gguf_file": gguf_file},
+        "merge": {"dtype": "float32"},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    info = {
+        "base_model": {
+            "name_or_path": str(base),
+            "gguf_file": gguf_file,
+            "resolved": str(base),
+            "quantization": "nf4",
+            "compute_dtype": "float32",
+        }
+    }
+    (run / "run_info.json").write_text(json.dumps(info))
+    (run / "eval_texts.json").write_text(json.dumps(EVAL_TEXTS + [make_text(20, seed=9)]))
+    return run
+
+
+def test_merge_run_reads_the_run_directory(tiny_model_dir, adapter_plain, tmp_path):
+    run = _run_dir(tmp_path, tiny_model_dir, adapter_plain)
+    out = merge_run(run)
+    assert out == run / "merged"
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["dtype"] == "float32" and report["trained_quantization"] == "nf4"
+    assert "eval split" in report["eval_source"] and report["eval_texts"] == 4
+    assert report["passed"] is True
+
+
+def test_merge_run_passes_the_gguf_file_on(tiny_model_dir, adapter_plain, tmp_path, monkeypatch):
+    seen = []
+
+    def fake_resolve(name_or_path, gguf_file=None):
+        seen.append((str(name_or_path), gguf_file))
+        return tiny_model_dir  # stands in for the dequantized GGUF checkpoint
+
+    monkeypatch.setattr(merge_mod, "resolve_model_source", fake_resolve)
+    gguf_dir = tmp_path / "gguf_model"
+    gguf_dir.mkdir()
+    run = _run_dir(tmp_path, gguf_dir, adapter_plain, gguf_file="tiny-q8_0.gguf")
+    out = merge_run(run, output_dir=tmp_path / "out", dtype="float32")
+    assert seen == [(str(gguf_dir), "tiny-q8_0.gguf")]
+    assert json.loads((out / REPORT_NAME).read_text())["resolved_base"] == str(tiny_model_dir)
