@@ -314,6 +314,8 @@ def _check_shapes(adapter: _Adapter, adapter_dir: Path, base: str, meta: Any) ->
             continue
         if "lora_magnitude" in name:
             continue
+        # peft saves resized embedding layers whole (save_embedding_layers), wrapper keys included.
+        name = name.replace(".modules_to_save.", ".").replace(".original_module.", ".")
         param = params.get(name)
         if param is None:
             problems.append(

@@ -348,3 +348,25 @@ def test_merge_run_passes_the_gguf_file_on(tiny_model_dir, adapter_plain, tmp_pa
     out = merge_run(run, output_dir=tmp_path / "out", dtype="float32")
     assert seen == [(str(gguf_dir), "tiny-q8_0.gguf")]
     assert json.loads((out / REPORT_NAME).read_text())["resolved_base"] == str(tiny_model_dir)
+
+
+def test_sft_adapter_with_added_tokens(tiny_model_dir, tmp_path):
+    """An SFT run that added tokens: the adapter's embeddings/head are larger than the base's."""
+    torch.manual_seed(3)
+    model, tok = load_base_model(tiny_model_dir, quantization="nf4")
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    model.resize_token_embeddings(len(tok))
+    cfg = AdapterConfig(r=4, alpha=8, dropout=0.0, init_lora_weights=False, train_embeddings=True)
+    peft_model = apply_lora(model, cfg, gradient_checkpointing=False)
+    adapter = tmp_path / "sft_adapter"
+    peft_model.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+
+    out = _merge(tiny_model_dir, adapter, tmp_path / "merged", eval_texts=["<|user|> " + EVAL_TEXTS[0]])
+    merged = _reload(out)
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok) == merged.config.vocab_size
+    trained = load_file(str(adapter / "adapter_model.safetensors"))
+    torch.testing.assert_close(
+        merged.get_output_embeddings().weight, trained["base_model.model.lm_head.weight"]
+    )
+    assert json.loads((out / REPORT_NAME).read_text())["passed"] is True
