@@ -136,12 +136,12 @@ def _scoring(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def _progress(total: int, desc: str) -> Any:
+def _progress(total: int, desc: str, unit: str = "tok") -> Any:
     from tqdm.auto import tqdm
 
     # disable=None: a bar on a terminal, nothing in log files (the log line below says what runs).
     return tqdm(
-        total=total, desc=desc, unit="tok", unit_scale=True, disable=None, leave=False, file=sys.stderr
+        total=total, desc=desc, unit=unit, unit_scale=True, disable=None, leave=False, file=sys.stderr
     )
 
 
@@ -361,8 +361,7 @@ def evaluate_blocks(
     device = model_device(model)
     nll, tokens, n_bytes = 0.0, 0, 0
     start_time = time.perf_counter()
-    with _scoring(model), _progress(n, desc) as bar:
-        bar.unit = "block"
+    with _scoring(model), _progress(n, desc, unit="block") as bar:
         for b in range(0, n, batch_size):
             rows = dataset[b : min(b + batch_size, n)]
             width = max(len(x) for x in rows["input_ids"])

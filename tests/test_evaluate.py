@@ -83,9 +83,9 @@ def test_perplexity_is_exp_mean_nll_by_hand(model_tok):
 
 def test_stride_scores_each_target_once_with_left_context(model_tok):
     model, tok = model_tok
-    text = make_text(60, 3)
+    text = make_text(30, 3)
     ids = ids_of(tok, text)
-    seq_len, stride = 16, 5
+    seq_len, stride = 12, 5
     assert len(ids) > 4 * seq_len
     # Target t is in the stride-sized chunk k = (t-1) // stride, whose window ends at the chunk's end and
     # reaches seq_len tokens back: so t sees ids[max(0, chunk_end - seq_len):t].
