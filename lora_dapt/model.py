@@ -11,6 +11,7 @@ same cache serves the 16-bit reload at merge time.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -41,7 +42,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_compute_dtype(compute_dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+def resolve_compute_dtype(
+    compute_dtype: str | torch.dtype = "auto", device: torch.device | None = None
+) -> torch.dtype:
     """'auto': bfloat16 on CUDA cards that support it, float16 on older cards, float32 on CPU.
 
     On the CPU float32 is the fastest choice on most machines (bf16 matmuls are emulated without AVX512-BF16
@@ -51,7 +54,9 @@ def resolve_compute_dtype(compute_dtype: str | torch.dtype = "auto", device: tor
         return compute_dtype
     if compute_dtype != "auto":
         if compute_dtype not in _DTYPES:
-            raise ConfigError(f"compute_dtype = {compute_dtype!r}: use 'auto', 'bfloat16', 'float16' or 'float32'")
+            raise ConfigError(
+                f"compute_dtype = {compute_dtype!r}: use 'auto', 'bfloat16', 'float16' or 'float32'"
+            )
         return _DTYPES[compute_dtype]
     device = device or resolve_device("auto")
     if device.type == "cuda":
@@ -96,7 +101,9 @@ def fix_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def load_tokenizer(name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(
+    name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False
+) -> Any:
     from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -177,7 +184,9 @@ def resolve_model_source(name_or_path: str | Path, gguf_file: str | None = None)
                 raise ModelLoadError(
                     f"{p} holds several GGUF files ({', '.join(g.name for g in ggufs)}); choose one with gguf_file="
                 )
-            raise ModelLoadError(f"{p} is a directory but has no config.json or .gguf file: not a model directory")
+            raise ModelLoadError(
+                f"{p} is a directory but has no config.json or .gguf file: not a model directory"
+            )
         return p
     text = str(name_or_path)
     is_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and "\\" not in text
@@ -369,7 +378,9 @@ def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any
     if overrides:
         cfg = cfg.replace(**overrides)
     if hasattr(model, "peft_config"):
-        raise ConfigError("this model already has a LoRA adapter; load the base model again to start a new one")
+        raise ConfigError(
+            "this model already has a LoRA adapter; load the base model again to start a new one"
+        )
 
     available = linear_module_names(model)
     if isinstance(cfg.target_modules, list):
@@ -384,7 +395,9 @@ def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any
     gc_kwargs = {"use_reentrant": False}
     if quantized:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
         )
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
@@ -413,6 +426,9 @@ def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any
         ensure_weight_tying=tie,
         init_lora_weights=cfg.init_lora_weights,
     )
+    # Packed blocks keep documents apart through position_ids, which transformers honours only without a KV
+    # cache; generation turns the cache back on per call.
+    model.config.use_cache = False
     peft_model = get_peft_model(model, lora_cfg)
     trainable, total = count_parameters(peft_model)
     log.info(
@@ -446,10 +462,40 @@ def count_parameters(model: Any) -> tuple[int, int]:
 
 
 def load_adapter(model: Any, adapter_dir: str | Path, *, is_trainable: bool = False) -> Any:
-    """Load a saved adapter onto a freshly loaded base model (checks that the adapter exists first)."""
+    """Load a saved adapter onto a freshly loaded base model.
+
+    Only safetensors weights are read: an adapter shipped as a pickle (``adapter_model.bin``) is refused,
+    because unpickling a stranger's file can run code. An adapter whose shapes do not fit the model is
+    refused with both names in the message.
+    """
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelLoadError(f"no adapter found in {adapter_dir} (expected adapter_config.json there)")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        if any(adapter_dir.glob("*.bin")) or any(adapter_dir.glob("*.pt")):
+            raise ModelLoadError(
+                f"{adapter_dir} holds its weights as a pickle (.bin/.pt), which can run code when loaded; "
+                "lora_dapt loads adapters only from adapter_model.safetensors. Convert it where you trust it: "
+                "PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)"
+            )
+        raise ModelLoadError(f"no adapter weights in {adapter_dir} (expected adapter_model.safetensors)")
+    try:
+        trained_for = json.loads((adapter_dir / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path"
+        )
+    except ValueError as e:
+        raise ModelLoadError(f"{adapter_dir}/adapter_config.json is not valid JSON: {e}") from None
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()
+        detail = next(
+            (ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else type(e).__name__
+        )
+        raise ModelLoadError(
+            f"the adapter in {adapter_dir} (trained for base {trained_for!r}) does not fit the model "
+            f"{getattr(model.config, '_name_or_path', type(model).__name__)!r}: {detail}. Load the base model "
+            "the adapter was trained on."
+        ) from None

@@ -679,7 +679,15 @@ def continued_pretrain(
     def periodic_eval(step: int) -> bool:
         """Evaluate mid-run; True asks the run to stop (forgetting budget exceeded)."""
         res = _evaluate_all(
-            model, tokenizer, eval_ds, general_texts, eval_cfg, step=step, phase="during", run_dir=run_dir
+            model,
+            tokenizer,
+            eval_ds,
+            general_texts,
+            eval_cfg,
+            step=step,
+            phase="during",
+            run_dir=run_dir,
+            tokens_trained=int(trainer.state.num_input_tokens_seen),
         )
         budget = eval_cfg.max_general_ppl_increase
         now = (res.get("general") or {}).get("ppl")
@@ -709,14 +717,18 @@ def continued_pretrain(
     own_callbacks[0].trainer = trainer
 
     t0 = time.time()
-    if resume_ckpt is not None:
-        tokens_at_resume = json.loads((resume_ckpt / "trainer_state.json").read_text()).get(
-            "num_input_tokens_seen", 0
-        )
-        trainer.session_tokens_start = tokens_at_resume
+    resume_state = json.loads((resume_ckpt / "trainer_state.json").read_text()) if resume_ckpt else {}
+    trainer.session_tokens_start = resume_state.get("num_input_tokens_seen", 0)
     try:
-        with _SignalGuard(state):
-            trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
+        if resume_state.get("global_step", 0) >= total_steps:
+            # Every step was done (the process died after its last checkpoint): take that checkpoint's
+            # weights instead of entering the loop, which would run one step too many.
+            _load_checkpoint_weights(model, resume_ckpt)
+            trainer.state.global_step = resume_state["global_step"]
+            trainer.state.num_input_tokens_seen = resume_state.get("num_input_tokens_seen", 0)
+        else:
+            with _SignalGuard(state):
+                trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
     except torch.OutOfMemoryError as e:
         raise TrainingError(_oom_advice(cfg, seq_len, e)) from None
     wall = time.time() - t0
@@ -737,6 +749,7 @@ def continued_pretrain(
             step=trainer.state.global_step,
             phase="after",
             run_dir=run_dir,
+            tokens_trained=int(trainer.state.num_input_tokens_seen),
         )
     tokens = int(trainer.state.num_input_tokens_seen)
     session_tokens = tokens - trainer.session_tokens_start
@@ -771,6 +784,13 @@ def continued_pretrain(
     return result
 
 
+def _load_checkpoint_weights(model: Any, ckpt: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+
+
 def _stats_dict(corpus: Any) -> dict[str, Any]:
     stats = getattr(corpus, "stats", None)
     if stats is None:
@@ -788,12 +808,16 @@ def _evaluate_all(
     step: int,
     phase: str,
     run_dir: Path,
+    tokens_trained: int = 0,
 ) -> dict[str, Any]:
-    """Domain (held-out blocks) and general (texts) evaluation; rows go to metrics.jsonl."""
+    """Domain (held-out blocks) and general (texts) evaluation; rows go to metrics.jsonl.
+
+    In a row, ``tokens`` is the number of tokens trained so far (the x axis of the plots) and ``eval_tokens``
+    the number of tokens scored.
+    """
     from . import evaluate as ev
 
     out: dict[str, Any] = {}
-    tokens = 0
     if eval_ds is not None and len(eval_ds) > 0:
         seq_len = len(eval_ds[0]["input_ids"])
         max_blocks = None if eval_cfg.max_eval_tokens is None else max(1, eval_cfg.max_eval_tokens // seq_len)
@@ -816,7 +840,15 @@ def _evaluate_all(
     for split, res in out.items():
         _append_jsonl(
             run_dir / "metrics.jsonl",
-            {"type": "eval", "step": step, "tokens": tokens, "phase": phase, "split": split, **res},
+            {
+                "type": "eval",
+                "step": step,
+                "phase": phase,
+                "split": split,
+                **res,
+                "eval_tokens": res["tokens"],
+                "tokens": tokens_trained,
+            },
         )
         log.info("%s eval %s: loss %.4f ppl %.3f", phase, split, res["loss"], res["ppl"])
     if eval_cfg.prompts and phase in ("before", "after"):
