@@ -542,26 +542,41 @@ class SFTConfig(TrainConfig):
     """Run directory, laid out like a DAPT run."""
     learning_rate: float = 1e-4
     """Peak learning rate of the LoRA weights."""
+    model_or_run: str | None = None
+    """What to tune: a DAPT run directory, a merged model directory or a base model. null (YAML only): the DAPT
+    run of the same config file, train.output_dir."""
     data: list[str] = field(default_factory=list)
     """Instruction data files (.jsonl/.json): chat messages, prompt/completion, alpaca or sharegpt rows."""
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = "auto"
-    """Row format; 'auto' detects it from the first row and checks every row against it."""
+    """Row format; 'auto' detects it from the first row of each file and checks every row against it."""
     seq_len: int = 1024
     """Longest tokenized conversation; longer ones are reported and dropped."""
     train_on_prompt: bool = False
     """Also train on the prompt/system/user tokens (default: only assistant tokens and their EOS)."""
     packing: bool = True
-    """Pack conversations into blocks without cross-sample attention."""
+    """Pack conversations into blocks without cross-sample attention (False: one conversation per block)."""
     eval_fraction: float = 0.05
-    """Fraction of conversations held out for evaluation."""
+    """Fraction of conversations held out for evaluation, in [0, 1)."""
     stack: Literal["continue", "merge"] = "continue"
     """With a DAPT run directory: 'continue' training its adapter, or 'merge' it into the 16-bit base,
-    re-quantize and train a fresh adapter."""
+    re-quantize and train a fresh adapter (adapter section). Ignored for a model directory."""
 
     def problems(self) -> list[str]:
         out = super().problems()
         self._check(out, self.seq_len >= 2, "seq_len", "must be >= 2")
         self._check(out, 0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
+        self._check(
+            out,
+            all(isinstance(d, str) and d.strip() for d in self.data),
+            "data",
+            "every entry must be a file path or glob (.jsonl or .json)",
+        )
+        self._check(
+            out,
+            self.model_or_run is None or bool(self.model_or_run.strip()),
+            "model_or_run",
+            "give a DAPT run directory, a merged model directory or a base model (or null)",
+        )
         return out
 
 

@@ -1,0 +1,946 @@
+"""Instruction tuning (SFT) after continued pre-training, in one call: :func:`sft`.
+
+Reads top to bottom: resolve what to tune (a DAPT run directory, a merged model, a base model) -> tokenizer
+and chat template -> instruction data (read, validate, tokenize with assistant-only labels, pack, split) ->
+model (continue the DAPT adapter, or merge it and train a fresh one) -> fit and evaluate -> save.
+
+Why this is built on :func:`lora_dapt.train.continued_pretrain` and not on trl's ``SFTTrainer``: an SFT run is
+then the same kind of run as a DAPT run: the same run directory (config.yaml, metrics.jsonl, adapter/ with the
+tokenizer, completion-marked checkpoints and resume, summary.json, report), the same before/after evaluation
+and the same chunked loss. TRL's default chunked loss swaps ``model.forward`` and refuses PEFT on ``lm_head``,
+which a DAPT adapter with trained embeddings has (STYLE.md). trl is used for what it is good at here: its
+data helpers (``is_conversational``, ``maybe_convert_to_chatml``).
+
+Data. Four row formats, detected per file from its first row (or forced with ``SFTConfig.format``) and
+checked on every row; every malformed row is reported with its file and line number, all at once:
+
+* ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
+* ``prompt_completion``: ``{"prompt": "...", "completion": "..."}`` (or trl's conversational lists)
+* ``alpaca``: ``{"instruction": "...", "input": "..." (optional), "output": "...", "system": (optional)}``
+* ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}``
+
+Every format becomes a list of chat messages and is rendered with the tokenizer's chat template, so training
+and inference see the same format. A tokenizer without a template (a base model) gets
+:data:`DEFAULT_CHAT_TEMPLATE`, which is saved with the tokenizer in the run's ``adapter/`` (and so in the
+merged model). It uses plain-text role headers, no new tokens, so the embeddings need not grow::
+
+    <s>### System:\\nBe brief.\\n\\n### User:\\nWhat is a dose?\\n\\n### Assistant:\\nAn amount.</s>\\n\\n
+
+Labels. Masking is by position, never by token id (pad may equal eos, trl #1623): assistant content and
+the end-of-turn token after it are trained, every other token (BOS, system, user, role headers) is -100.
+Templates with ``{% generation %}`` blocks (the default one) give the assistant positions directly
+(``return_assistant_tokens_mask``). For other templates the conversation is rendered prefix by prefix: the
+assistant turn ``i`` spans from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
+``render(messages[:i+1])``; the whole conversation is tokenized once and a token is trained when its
+characters overlap a span, so the labelled tokens are exactly the trained ones. A template that renders
+earlier turns differently once later turns are added is reported, not guessed around. When the last
+assistant turn does not end with EOS or another special token, EOS is appended and trained.
+
+Packing. Conversations are packed with :func:`lora_dapt.packing.pack_documents`: ``position_ids`` restart at
+every conversation and the model runs without an attention mask, so packed conversations never attend to
+each other. Trade-off: conversations longer than ``seq_len`` are dropped (counted and reported with their
+line numbers), never cut, because a cut conversation would train answers without their questions.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import AdapterConfig, EvalConfig, MergeConfig, ModelConfig, RunConfig, SFTConfig, TrainConfig
+from .errors import ConfigError, DataError, ModelLoadError
+from .packing import IGNORE_INDEX, pack_documents
+
+log = logging.getLogger("lora_dapt")
+
+FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+}
+MAX_REPORTED = 20
+"""Malformed rows listed in one DataError (the rest are counted)."""
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if bos_token is defined and bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '### System:\\n' + message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### User:\\n' + message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '### Assistant:\\n' }}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\\n\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+)
+"""Chat template given to tokenizers without one: plain-text role headers (no new tokens), EOS closing every
+assistant turn, ``{% generation %}`` around what is trained. Saved with the tokenizer."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and validating rows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conversation:
+    """One validated row as chat messages, and where it came from (for error messages)."""
+
+    messages: list[dict[str, str]]
+    where: str
+    """'path line N' (jsonl), 'path item N' (json array) or 'row N' (in-memory rows)."""
+    format: str
+    trimmed_turns: int = 0
+    """Non-assistant turns after the last assistant turn, dropped (nothing to learn from them)."""
+
+
+def detect_format(row: Any) -> str | None:
+    """The format a row is written in, from its keys; None when it is in none of them.
+
+    >>> detect_format({"instruction": "Add 2 and 3.", "output": "5"})
+    'alpaca'
+    >>> detect_format({"text": "plain"}) is None
+    True
+    """
+    if not isinstance(row, dict):
+        return None
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    return None
+
+
+_FORMAT_KEYS = {
+    "messages": "'messages' (a list of {role, content})",
+    "prompt_completion": "'prompt' and 'completion'",
+    "alpaca": "'instruction', 'output' and optionally 'input'",
+    "sharegpt": "'conversations' (a list of {from, value})",
+}
+
+
+def _check_messages(messages: Any) -> tuple[list[dict[str, str]], int, list[str]]:
+    """Validate chat messages: (clean messages, trailing turns dropped, problems)."""
+    if not isinstance(messages, list) or not messages:
+        return [], 0, ["expected a non-empty list of turns"]
+    problems: list[str] = []
+    clean: list[dict[str, str]] = []
+    for k, turn in enumerate(messages, start=1):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            problems.append(f"turn {k}: expected an object with 'role' and 'content'")
+            continue
+        role, content = turn["role"], turn["content"]
+        if role not in ROLES:
+            problems.append(f"turn {k}: unknown role {role!r}; use one of {', '.join(ROLES)}")
+            continue
+        if not isinstance(content, str):
+            problems.append(f"turn {k}: content must be text, got {type(content).__name__}")
+            continue
+        if role == "system" and k != 1:
+            problems.append(f"turn {k}: a system turn is only allowed first; merge it into the first turn")
+        if role == "assistant" and not content.strip():
+            problems.append(f"turn {k}: empty assistant turn; fill in the answer or remove the row")
+        clean.append({"role": role, "content": content})
+    if problems:
+        return [], 0, problems
+    last = max((i for i, m in enumerate(clean) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return [], 0, ["no assistant turn: nothing to learn from this row"]
+    return clean[: last + 1], len(clean) - last - 1, []
+
+
+def _text_field(row: dict[str, Any], key: str, problems: list[str], *, required: bool = True) -> str:
+    value = row.get(key, "")
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        problems.append(f"'{key}' must be text, got {type(value).__name__}")
+        return ""
+    return value
+
+
+def row_to_messages(row: dict[str, Any], fmt: str) -> tuple[list[dict[str, str]], int, list[str]]:
+    """Turn one row of format ``fmt`` into checked chat messages: (messages, trailing turns dropped, problems).
+
+    >>> row_to_messages({"prompt": "2+3?", "completion": "5"}, "prompt_completion")[0]
+    [{'role': 'user', 'content': '2+3?'}, {'role': 'assistant', 'content': '5'}]
+    """
+    from trl.data_utils import is_conversational, maybe_convert_to_chatml
+
+    problems: list[str] = []
+    if fmt == "messages":
+        return _check_messages(row["messages"])
+    if fmt == "sharegpt":
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            return [], 0, ["'conversations' must be a list of {from, value} objects"]
+        converted = maybe_convert_to_chatml({"conversations": [dict(t) for t in turns]})["messages"]
+        for k, turn in enumerate(converted, start=1):
+            role = turn.get("role")
+            if role not in SHAREGPT_ROLES:
+                problems.append(
+                    f"turn {k}: unknown role (from) {role!r}; use one of {', '.join(SHAREGPT_ROLES)}"
+                )
+            else:
+                turn["role"] = SHAREGPT_ROLES[role]
+        if problems:
+            return [], 0, problems
+        return _check_messages(converted)
+    if fmt == "prompt_completion":
+        if is_conversational(row):  # trl's conversational prompt/completion: lists of messages
+            prompt, completion = row["prompt"], row["completion"]
+            if not isinstance(prompt, list) or not isinstance(completion, list):
+                return [], 0, ["conversational 'prompt' and 'completion' must both be lists of messages"]
+            return _check_messages(prompt + completion)
+        prompt = _text_field(row, "prompt", problems)
+        completion = _text_field(row, "completion", problems)
+        if problems:
+            return [], 0, problems
+        return _check_messages(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        )
+    if fmt == "alpaca":
+        instruction = _text_field(row, "instruction", problems)
+        extra = _text_field(row, "input", problems, required=False)
+        output = _text_field(row, "output", problems)
+        system = _text_field(row, "system", problems, required=False)
+        if not problems and not instruction.strip():
+            problems.append("empty 'instruction'")
+        if problems:
+            return [], 0, problems
+        user = instruction + (f"\n\n{extra}" if extra.strip() else "")
+        msgs = ([{"role": "system", "content": system}] if system.strip() else []) + [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": output},
+        ]
+        return _check_messages(msgs)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def _expand(paths: Sequence[str | Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        text = os.path.expanduser(str(p))
+        if any(c in text for c in "*?["):
+            found = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            if not found:
+                raise DataError(f"sft data: no file matches {text!r}")
+            out.extend(found)
+        elif Path(text).is_dir():
+            found = sorted(q for q in Path(text).rglob("*") if q.suffix in (".jsonl", ".json"))
+            if not found:
+                raise DataError(f"sft data: directory {text} holds no .jsonl or .json files")
+            out.extend(found)
+        elif Path(text).is_file():
+            out.append(Path(text))
+        else:
+            raise DataError(
+                f"sft data: file not found: {text} (give .jsonl/.json files, globs or directories)"
+            )
+    return out
+
+
+def _read_file(path: Path, problems: list[str]) -> list[tuple[str, Any]]:
+    """(where, row) pairs of a .jsonl (one object per line) or .json file (a list of objects)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.append(f"{path} line {e.lineno}: not valid JSON ({e.msg})")
+            return []
+        return [(f"{path} item {i}", row) for i, row in enumerate(items, start=1)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path} line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            problems.append(f"{path} line {n}: not valid JSON ({e.msg})")
+    return rows
+
+
+def _raise_problems(problems: list[str], total: int) -> None:
+    shown = problems[:MAX_REPORTED]
+    more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+    raise DataError(
+        f"{len(problems)} malformed row(s) in the SFT data ({total} rows read); fix or remove them:\n  - "
+        + "\n  - ".join(shown)
+        + more
+    )
+
+
+def load_conversations(
+    data: str | Path | Sequence[str | Path] | Sequence[dict[str, Any]] | Any, format: str = "auto"
+) -> list[Conversation]:
+    """Read instruction rows (files, globs, directories, a list of dicts or a ``datasets.Dataset``), detect or
+    check their format, validate every row and return them as chat messages.
+
+    Every problem (invalid JSON, a row in none of the formats, a row of another format than the file's, an
+    unknown role, an empty assistant turn, no assistant turn) is collected and raised as one
+    :class:`DataError` listing each row with its line number.
+
+    Example::
+
+        convs = load_conversations("examples/sft_toy.jsonl")
+        convs[0].messages   # [{'role': 'system', ...}, {'role': 'user', ...}, {'role': 'assistant', ...}]
+    """
+    if format != "auto" and format not in FORMATS:
+        raise ConfigError(f"sft.format = {format!r}: use 'auto' or one of {', '.join(FORMATS)}")
+    problems: list[str] = []
+    sources: list[tuple[str, list[tuple[str, Any]]]] = []
+    if isinstance(data, (str, Path)):
+        data = [data]
+    items = list(data)
+    if items and all(isinstance(x, (str, Path)) for x in items):
+        for path in _expand(items):
+            sources.append((str(path), _read_file(path, problems)))
+    else:  # in-memory rows (a list of dicts or a datasets.Dataset)
+        sources.append(("rows", [(f"row {i}", row) for i, row in enumerate(items, start=1)]))
+    out: list[Conversation] = []
+    total = 0
+    for name, rows in sources:
+        total += len(rows)
+        fmt = format
+        if fmt == "auto":
+            fmt = next((f for f in (detect_format(r) for _, r in rows) if f), "")
+            if not fmt:
+                if rows:
+                    keys = sorted(rows[0][1]) if isinstance(rows[0][1], dict) else type(rows[0][1]).__name__
+                    problems.append(
+                        f"{name}: no row is in a known format (first row has {keys}); expected "
+                        + " | ".join(_FORMAT_KEYS.values())
+                    )
+                continue
+        for where, row in rows:
+            found = detect_format(row)
+            if found is None:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                problems.append(
+                    f"{where}: a row in none of the formats (keys {keys}); a {fmt} row has {_FORMAT_KEYS[fmt]}"
+                )
+                continue
+            if found != fmt:
+                problems.append(
+                    f"{where}: a row in {found} format, but {name} is in {fmt} format (its first row); "
+                    "use one format per file"
+                )
+                continue
+            messages, trimmed, row_problems = row_to_messages(row, fmt)
+            problems.extend(f"{where}: {p}" for p in row_problems)
+            if not row_problems:
+                out.append(Conversation(messages, where, fmt, trimmed))
+    if problems:
+        _raise_problems(problems, total)
+    if not out:
+        raise DataError("the SFT data is empty: no rows found. Check sft.data.")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat template, tokenization and labels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ensure_chat_template(tokenizer: Any) -> str:
+    """Give ``tokenizer`` :data:`DEFAULT_CHAT_TEMPLATE` when it has no chat template of its own.
+
+    Returns 'tokenizer' (it had one) or 'default' (it got ours; ``save_pretrained`` saves it with it).
+
+    Example::
+
+        ensure_chat_template(tok)   # 'default' for a base model's tokenizer
+        tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return "tokenizer"
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(
+            "the tokenizer has no chat template and no EOS token, so the model could not learn where an "
+            "answer ends; give it an eos_token (tokenizer.eos_token = '...') or a chat template"
+        )
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return "default"
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _has_generation_blocks(template: str) -> bool:
+    return "generation %}" in template and "endgeneration" in template
+
+
+def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in ``full``, by rendering the conversation prefix by prefix."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through)):
+            raise DataError(
+                f"the chat template renders turn {i + 1} differently once later turns follow (it rewrites "
+                "earlier turns), so the assistant tokens cannot be found by prefix. Use single-turn rows, or a "
+                "template with {% generation %} blocks around assistant content"
+            )
+        end = len(through.rstrip())  # whitespace after the end-of-turn token is not part of the answer
+        if end <= len(before):
+            raise DataError(f"turn {i + 1}: the chat template renders this assistant turn as nothing")
+        spans.append((len(before), end))
+    return spans
+
+
+def tokenize_conversation(
+    tokenizer: Any, messages: list[dict[str, str]], *, train_on_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """Tokenize a conversation with the tokenizer's chat template: ``(input_ids, labels)``.
+
+    ``labels`` equal ``input_ids`` on assistant content and the end-of-turn token that closes it, and -100
+    everywhere else (BOS, system, user, role headers); with ``train_on_prompt`` every token is trained. The
+    whole conversation is tokenized once, so the labelled tokens are exactly the trained ones. If the last
+    trained token is not EOS or another special token, EOS is appended and trained.
+
+    >>> # with DEFAULT_CHAT_TEMPLATE: '<s>### User:\\nHi\\n\\n### Assistant:\\nHello</s>\\n\\n'
+    >>> # labels are -100 up to 'Assistant:\\n', then the tokens of 'Hello</s>', then -100 for '\\n\\n'
+    """
+    template = tokenizer.chat_template or ""
+    if _has_generation_blocks(template):
+        enc = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = list(enc["input_ids"])
+        mask = [bool(x) for x in enc["assistant_masks"]]
+        if len(mask) != len(ids):
+            raise DataError(f"assistant mask has {len(mask)} entries for {len(ids)} tokens")
+    else:
+        full = _render(tokenizer, messages)
+        spans = _assistant_spans(tokenizer, messages, full)
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        # a token is trained when its characters overlap a span (zero-width tokens: when they sit inside one)
+        mask = [any(s < hi and max(e, s + 1) > lo for lo, hi in spans) for s, e in enc["offset_mapping"]]
+    if not any(mask):
+        raise DataError(
+            "no assistant tokens after applying the chat template (does it render assistant turns?)"
+        )
+    last = max(i for i, m in enumerate(mask) if m)
+    special = set(tokenizer.all_special_ids) - {tokenizer.bos_token_id}
+    if ids[last] not in special and tokenizer.eos_token_id is not None:
+        # the template closes answers with no special token: the model would never learn to stop
+        ids = ids[: last + 1] + [tokenizer.eos_token_id] + ids[last + 1 :]
+        mask = mask[: last + 1] + [True] + mask[last + 1 :]
+    labels = (
+        list(ids) if train_on_prompt else [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+    )
+    return ids, labels
+
+
+def chat_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
+    """A user prompt (or messages) rendered with the chat template up to the assistant's answer, as text that
+    ``tokenizer(text)`` (with its special tokens) turns into the ids training saw.
+
+    >>> # chat_prompt(tok, "What is a dose?") -> '### User:\\nWhat is a dose?\\n\\n### Assistant:\\n'
+    >>> # (the template's leading '<s>' is left to the tokenizer, which adds BOS itself)
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    text = _render(tokenizer, messages, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]  # the tokenizer adds BOS itself: avoid a double BOS
+    return text
+
+
+def generate_chat(
+    model: Any, tokenizer: Any, prompt: str | list[dict[str, str]], max_new_tokens: int = 64
+) -> str:
+    """Greedy answer of a chat model to ``prompt`` (a user message or a list of messages), special tokens
+    removed; generation stops at EOS.
+
+    Example::
+
+        generate_chat(model, tok, "Which field is the word 'dose' from?")   # 'medicine'
+    """
+    import torch
+
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    enc = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt").to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    if was_training:
+        model.train()
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTDataStats:
+    """What :func:`prepare_sft_data` did with the rows (written to summary.json as ``data_stats``)."""
+
+    formats: dict[str, str] = field(default_factory=dict)
+    """Source -> detected format."""
+    rows: int = 0
+    conversations_train: int = 0
+    conversations_eval: int = 0
+    dropped_too_long: int = 0
+    dropped_examples: list[str] = field(default_factory=list)
+    """Where the first few dropped conversations are (file and line)."""
+    trailing_turns_dropped: int = 0
+    chat_template: str = ""
+    """'tokenizer' (its own) or 'default' (DEFAULT_CHAT_TEMPLATE)."""
+    train_tokens: int = 0
+    trained_tokens: int = 0
+    """Tokens with a loss (assistant tokens and their EOS, unless train_on_prompt)."""
+    train_blocks: int = 0
+    eval_blocks: int = 0
+    padding_fraction: float = 0.0
+    source: dict[str, Any] = field(default_factory=dict)
+    """What was tuned: model_or_run, kind ('run' | 'model'), stack, base loaded."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"{self.rows} rows ({', '.join(sorted(set(self.formats.values())))}), "
+            f"{self.conversations_train} train / {self.conversations_eval} eval conversations, "
+            f"{self.dropped_too_long} dropped as too long, chat template: {self.chat_template}; "
+            f"{self.train_blocks} train blocks, {self.trained_tokens}/{self.train_tokens} tokens trained, "
+            f"padding {100 * self.padding_fraction:.1f}%"
+        )
+
+
+@dataclass
+class SFTData:
+    """Packed SFT blocks, shaped like a :class:`~lora_dapt.corpus.Corpus` so ``continued_pretrain`` takes it."""
+
+    train: Any
+    """datasets.Dataset of blocks: input_ids, position_ids, labels."""
+    eval: Any | None
+    stats: SFTDataStats
+    eval_documents: list[str]
+    """Rendered held-out conversations (the merge check scores them)."""
+
+
+def _blocks(
+    tokens: list[list[int]], labels: list[list[int]], seq_len: int, pad_id: int, packing: bool
+) -> list:
+    if packing:
+        return pack_documents(tokens, seq_len, pad_id, labels)
+    out: list[dict[str, list[int]]] = []
+    for ids, lab in zip(tokens, labels, strict=True):  # one conversation per block
+        out.extend(pack_documents([ids], seq_len, pad_id, [lab]))
+    return out
+
+
+def prepare_sft_data(
+    data: str | Path | Sequence[str | Path] | Sequence[dict[str, Any]] | Any,
+    tokenizer: Any,
+    config: SFTConfig | None = None,
+) -> SFTData:
+    """Read, validate, tokenize (assistant-only labels), split by conversation and pack instruction data.
+
+    Gives the tokenizer :data:`DEFAULT_CHAT_TEMPLATE` if it has no chat template.
+
+    Example::
+
+        data = prepare_sft_data("examples/sft_toy.jsonl", tok, SFTConfig(seq_len=256))
+        print(data.stats.summary())
+    """
+    from datasets import Dataset
+
+    cfg = config or SFTConfig()
+    convs = load_conversations(data, cfg.format)
+    stats = SFTDataStats(rows=len(convs), chat_template=ensure_chat_template(tokenizer))
+    for c in convs:
+        stats.formats.setdefault(c.where.rsplit(" ", 2)[0], c.format)
+        stats.trailing_turns_dropped += c.trimmed_turns
+    kept: list[tuple[Conversation, list[int], list[int]]] = []
+    problems = []
+    for c in convs:
+        try:
+            ids, labels = tokenize_conversation(tokenizer, c.messages, train_on_prompt=cfg.train_on_prompt)
+        except DataError as e:
+            problems.append(f"{c.where}: {e}")
+            continue
+        except Exception as e:  # jinja raises its own errors for rows a template refuses
+            if type(e).__name__ not in ("TemplateError", "TemplateSyntaxError", "UndefinedError"):
+                raise
+            problems.append(f"{c.where}: the chat template refused this row ({e})")
+            continue
+        if len(ids) > cfg.seq_len:
+            stats.dropped_too_long += 1
+            if len(stats.dropped_examples) < 5:
+                stats.dropped_examples.append(f"{c.where} ({len(ids)} tokens)")
+            continue
+        kept.append((c, ids, labels))
+    if problems:
+        _raise_problems(problems, len(convs))
+    if stats.dropped_too_long:
+        log.warning(
+            "dropped %d conversation(s) longer than sft.seq_len = %d tokens, e.g. %s; raise seq_len to keep them",
+            stats.dropped_too_long,
+            cfg.seq_len,
+            ", ".join(stats.dropped_examples),
+        )
+    if not kept:
+        raise DataError(
+            f"every conversation is longer than sft.seq_len = {cfg.seq_len} tokens; raise sft.seq_len"
+        )
+    order = list(range(len(kept)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = round(cfg.eval_fraction * len(kept))
+    if cfg.eval_fraction > 0 and len(kept) >= 2:
+        n_eval = min(max(1, n_eval), len(kept) - 1)
+    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def build(idx: list[int]) -> list[dict[str, list[int]]]:
+        return _blocks([kept[i][1] for i in idx], [kept[i][2] for i in idx], cfg.seq_len, pad, cfg.packing)
+
+    train_blocks = build(train_idx)
+    eval_blocks = build(eval_idx) if eval_idx else []
+    stats.conversations_train, stats.conversations_eval = len(train_idx), len(eval_idx)
+    stats.train_tokens = sum(len(kept[i][1]) for i in train_idx)
+    stats.trained_tokens = sum(sum(x != IGNORE_INDEX for x in b["labels"]) for b in train_blocks)
+    stats.train_blocks, stats.eval_blocks = len(train_blocks), len(eval_blocks)
+    stats.padding_fraction = 1 - stats.train_tokens / max(1, len(train_blocks) * cfg.seq_len)
+    return SFTData(
+        train=Dataset.from_list(train_blocks),
+        eval=Dataset.from_list(eval_blocks) if eval_blocks else None,
+        stats=stats,
+        eval_documents=[_render(tokenizer, kept[i][0].messages) for i in eval_idx],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What to tune: a run directory or a model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    kind: str  # 'run' | 'model'
+    path: str
+    base: str = ""  # run: the base model the adapter was trained on
+    gguf_file: str | None = None
+    quantization: str | None = None  # run: as trained
+    compute_dtype: str = "auto"
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True for a training run directory (DAPT or SFT): it holds ``adapter/adapter_config.json``."""
+    return (Path(path) / "adapter" / "adapter_config.json").is_file()
+
+
+def _resolve_source(model_or_run: str | Path) -> _Source:
+    p = Path(model_or_run)
+    if (p / "adapter_config.json").is_file() and is_run_dir(p.parent):
+        raise ConfigError(
+            f"model_or_run = {str(p)!r} is an adapter directory; pass its run directory {str(p.parent)!r}"
+        )
+    if not is_run_dir(p):
+        return _Source("model", str(model_or_run))
+    info_path = p / "run_info.json"
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8")).get("base_model") or {}
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{p} looks like a run directory but {info_path} is unreadable ({e})") from None
+    name, resolved = info.get("name_or_path"), info.get("resolved")
+    if not name:
+        raise ModelLoadError(f"{info_path} records no base model (base_model.name_or_path)")
+    base, gguf = name, info.get("gguf_file")
+    if resolved and Path(resolved).is_dir() and not Path(name).exists():
+        base, gguf = resolved, None  # the original moved; its resolved copy is still here (as merge_run does)
+    quant = info.get("quantization")
+    return _Source(
+        "run",
+        str(p),
+        base=str(base),
+        gguf_file=gguf,
+        quantization=None if quant in (None, "none") else quant,
+        compute_dtype=info.get("compute_dtype") or "auto",
+    )
+
+
+def _load_tokenizer_for(src: _Source, model_cfg: ModelConfig) -> Any:
+    from .model import load_tokenizer, resolve_model_source
+
+    if src.kind == "run":
+        adapter = Path(src.path) / "adapter"
+        if any(
+            (adapter / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        ):
+            return load_tokenizer(adapter, trust_remote_code=model_cfg.trust_remote_code)
+        return load_tokenizer(
+            resolve_model_source(src.base, src.gguf_file), trust_remote_code=model_cfg.trust_remote_code
+        )
+    source = resolve_model_source(src.path, model_cfg.gguf_file)
+    return load_tokenizer(source, trust_remote_code=model_cfg.trust_remote_code)
+
+
+def _merged_dir(run_dir: Path, merge_cfg: MergeConfig | None) -> Path:
+    """RUN/merged, merged now (with ``merge_cfg``'s dtype, base_source, tolerance) unless a verified merge newer
+    than the adapter is already there."""
+    out = run_dir / "merged"
+    report = out / "merge_report.json"
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    if report.is_file() and (out / "config.json").is_file():
+        try:
+            passed = json.loads(report.read_text(encoding="utf-8")).get("passed") is True
+        except (OSError, ValueError):
+            passed = False
+        if passed and (not weights.is_file() or weights.stat().st_mtime <= report.stat().st_mtime):
+            log.info("stack='merge': reusing the verified merge in %s", out)
+            return out
+    from .merge import merge_run
+
+    log.info("stack='merge': merging %s into its 16-bit base -> %s", run_dir / "adapter", out)
+    kw: dict[str, Any] = {}
+    if merge_cfg is not None:
+        kw = {
+            "dtype": merge_cfg.dtype,
+            "base_source": merge_cfg.base_source,
+            "tolerance": merge_cfg.tolerance,
+        }
+    return Path(merge_run(run_dir, output_dir=out, overwrite=True, **kw))
+
+
+def _run_merge_config(run_dir: Path) -> MergeConfig:
+    """The merge section of a run's config.yaml (defaults when absent), without its output_dir: an SFT run
+    inherits how its DAPT run merges, never where to."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    section = data.get("merge") if isinstance(data, dict) else None
+    return MergeConfig.from_dict(section or {}).replace(output_dir=None)
+
+
+def _prepare_for_training(model: Any, gradient_checkpointing: bool) -> Any:
+    """What apply_lora does before attaching an adapter, for a saved adapter that is loaded instead."""
+    from peft import prepare_model_for_kbit_training
+
+    kw = {"use_reentrant": False}
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=kw
+        )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        model.enable_input_require_grads()
+    return model
+
+
+def _load_model(
+    src: _Source,
+    stack: str,
+    model_cfg: ModelConfig,
+    adapter_cfg: AdapterConfig,
+    merge_cfg: MergeConfig | None,
+    seed: int,
+) -> tuple[Any, str]:
+    """(LoRA model ready to train, the base it sits on)."""
+    from transformers import set_seed
+
+    from .model import apply_lora, load_adapter, load_base_model
+
+    load_kw = {
+        "double_quant": model_cfg.double_quant,
+        "device": model_cfg.device,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "attn_implementation": model_cfg.attn_implementation,
+    }
+    quant = None if model_cfg.quantization == "none" else model_cfg.quantization
+    if src.kind == "run" and stack == "continue":
+        # the adapter continues on exactly the base it was trained on: same quantization and compute dtype
+        model, _ = load_base_model(
+            src.base, src.quantization, src.compute_dtype, gguf_file=src.gguf_file, **load_kw
+        )
+        model = _prepare_for_training(model, adapter_cfg.gradient_checkpointing)
+        model = load_adapter(model, Path(src.path) / "adapter", is_trainable=True)
+        return model, src.base
+    if src.kind == "run":  # stack == "merge"
+        base, gguf = str(_merged_dir(Path(src.path), merge_cfg)), None
+    else:
+        base, gguf = src.path, model_cfg.gguf_file
+    model, _ = load_base_model(base, quant, model_cfg.compute_dtype, gguf_file=gguf, **load_kw)
+    set_seed(seed)  # the LoRA init draws from the global generators
+    return apply_lora(model, adapter_cfg), base
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sft(
+    model_or_run: str | Path,
+    data: str | Path | Sequence[str | Path] | Sequence[dict[str, Any]] | None = None,
+    config: SFTConfig | None = None,
+    *,
+    model_config: ModelConfig | None = None,
+    adapter_config: AdapterConfig | None = None,
+    eval_config: EvalConfig | None = None,
+    merge_config: MergeConfig | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """Instruction-tune a DAPT result (or any causal LM) with LoRA; returns a :class:`~lora_dapt.train.TrainResult`.
+
+    Args:
+        model_or_run: a DAPT run directory (``stack`` decides: 'continue' its adapter on the same quantized
+            base, or 'merge' it into the 16-bit base, re-quantize and train a fresh adapter), a merged model
+            directory, or a base model (directory, .gguf, hub id).
+        data: instruction rows: .jsonl/.json files, globs, directories, a list of dicts or a Dataset
+            (default: ``config.data``). Formats: see the module docstring.
+        config: SFT and training settings; ``config.output_dir`` becomes the run directory (DAPT layout).
+        model_config: how to load a model (quantization, compute dtype, device); its ``name_or_path`` is not
+            used. A continued run adapter always uses the quantization it was trained with.
+        adapter_config: the fresh adapter (model directories and ``stack='merge'``); for 'continue' only its
+            ``gradient_checkpointing`` is used (rank etc. are the DAPT adapter's, embeddings it trained stay
+            trained).
+        eval_config: held-out and general-text evaluation; ``prompts`` are chat-formatted before generating.
+        merge_config: how ``stack='merge'`` merges the DAPT adapter (dtype, base_source, tolerance); saved in
+            config.yaml, so ``lora-dapt merge`` of the SFT run uses it too. None: the DAPT run's own merge
+            settings (its output_dir excluded), or the defaults for a model directory.
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+
+    Example::
+
+        result = sft("runs/dapt", "chat.jsonl", SFTConfig(output_dir="runs/sft", max_steps=500))
+        # then: lora-dapt merge runs/sft
+    """
+    cfg = config or SFTConfig()
+    model_cfg = model_config or ModelConfig()
+    adapter_cfg = adapter_config or AdapterConfig()
+    eval_cfg = eval_config or EvalConfig()
+    data = data if data is not None else cfg.data
+    if not data:
+        raise ConfigError("sft.data: empty; give the instruction files (.jsonl/.json) to train on")
+
+    # -- setup: source, tokenizer and data first (bad data fails before the slow model load) --------------
+    src = _resolve_source(model_or_run)
+    if merge_config is None and src.kind == "run":
+        merge_config = _run_merge_config(Path(src.path))
+    tokenizer = _load_tokenizer_for(src, model_cfg)
+    prepared = prepare_sft_data(data, tokenizer, cfg)
+    log.info("SFT data ready: %s", prepared.stats.summary())
+    model, base = _load_model(src, cfg.stack, model_cfg, adapter_cfg, merge_config, cfg.seed)
+    model.config.use_cache = False  # packed blocks are kept apart only without a KV cache
+    prepared.stats.source = {
+        "model_or_run": str(model_or_run),
+        "kind": src.kind,
+        "stack": cfg.stack if src.kind == "run" else None,
+        "base": base,
+    }
+
+    # -- the resolved config, saved as RUN/config.yaml ------------------------------------------------------
+    if isinstance(data, (str, Path)):
+        data = [data]
+    files = [str(d) for d in data] if all(isinstance(d, (str, Path)) for d in data) else []
+    cfg = cfg.replace(model_or_run=str(model_or_run), data=files)
+    source_info = getattr(model.get_base_model(), "lora_dapt_source", {}) or {}
+    run_config = RunConfig(
+        model=model_cfg.replace(
+            name_or_path=base,
+            quantization=source_info.get("quantization", model_cfg.quantization),
+            gguf_file=src.gguf_file if src.kind == "run" and cfg.stack == "continue" else model_cfg.gguf_file,
+        ),
+        adapter=adapter_cfg,
+        train=TrainConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k in _TRAIN_FIELDS}),
+        eval=eval_cfg,
+        merge=merge_config or MergeConfig(),
+        sft=cfg,
+    )
+    if eval_cfg.prompts:  # samples are generated from chat-formatted prompts, as the model will be used
+        eval_cfg = eval_cfg.replace(prompts=[chat_prompt(tokenizer, p) for p in eval_cfg.prompts])
+
+    # -- fit, evaluate, save (the DAPT engine) ---------------------------------------------------------------
+    from .train import continued_pretrain
+
+    return continued_pretrain(
+        model, tokenizer, prepared, cfg, eval_config=eval_cfg, run_config=run_config, callbacks=callbacks
+    )
+
+
+_TRAIN_FIELDS = {f for f in TrainConfig.__dataclass_fields__ if not f.startswith("_")}
+
+
+def sft_from_config(config: RunConfig) -> Any:
+    """Run SFT as described by a RunConfig's ``sft`` section; what ``lora-dapt sft CONFIG.yaml`` calls.
+
+    ``sft.model_or_run`` says what to tune; when null, it is the DAPT run of the same file (``train.output_dir``),
+    which must be finished. ``model`` gives the loading options (quantization, compute dtype, device),
+    ``adapter`` the fresh adapter (model directories, ``stack: merge``), ``eval`` the evaluation and samples,
+    ``merge`` how ``stack: merge`` merges the DAPT adapter (and later ``lora-dapt merge`` of the SFT run).
+    Load the YAML with ``RunConfig.from_yaml(path, overrides, check=False)``: an SFT-only file has no
+    ``data.sources``.
+
+    Example::
+
+        sft_from_config(RunConfig.from_yaml("examples/sft.yaml", check=False))
+    """
+    s = config.sft
+    if s is None:
+        raise ConfigError(
+            "sft: missing section; add one, e.g. sft: {data: [chat.jsonl], output_dir: runs/sft, max_steps: 200}"
+        )
+    problems = []
+    if not s.data:
+        problems.append("sft.data: empty; list the instruction files (.jsonl/.json) to train on")
+    source = s.model_or_run
+    if source is None:
+        if is_run_dir(config.train.output_dir):
+            source = config.train.output_dir
+            log.info("sft.model_or_run not set: tuning the DAPT run of this config, %s", source)
+        else:
+            problems.append(
+                f"sft.model_or_run: not set, and train.output_dir = {config.train.output_dir!r} is not a finished "
+                "DAPT run (no adapter/adapter_config.json). Run `lora-dapt train CONFIG.yaml` first, or set "
+                "sft.model_or_run to a DAPT run directory, a merged model directory or a base model"
+            )
+    if problems:
+        raise ConfigError(problems)
+    return sft(
+        source,
+        s.data,
+        s,
+        model_config=config.model,
+        adapter_config=config.adapter,
+        eval_config=config.eval,
+        merge_config=config.merge,
+    )
