@@ -582,6 +582,7 @@ def prepare_sft_data(
         print(data.stats.summary())
     """
     from datasets import Dataset
+    from jinja2.exceptions import TemplateError
 
     cfg = config or SFTConfig()
     convs = load_conversations(data, cfg.format)
@@ -597,9 +598,7 @@ def prepare_sft_data(
         except DataError as e:
             problems.append(f"{c.where}: {e}")
             continue
-        except Exception as e:  # jinja raises its own errors for rows a template refuses
-            if type(e).__name__ not in ("TemplateError", "TemplateSyntaxError", "UndefinedError"):
-                raise
+        except TemplateError as e:  # e.g. a template that demands alternating user/assistant turns
             problems.append(f"{c.where}: the chat template refused this row ({e})")
             continue
         if len(ids) > cfg.seq_len:

@@ -157,6 +157,9 @@ def test_template_that_rewrites_history_is_reported(tok):
     t.chat_template = "{% for m in messages %}{{ m['content'] + ('!' if loop.last else '.') }}{% endfor %}"
     with pytest.raises(DataError, match=r"row 1: .*renders turn 3 differently"):
         prepare_sft_data([ROWS["messages"]], t, SFTConfig(eval_fraction=0.0))
+    t.chat_template = "{% for m in messages %}{{ raise_exception('no system turns') }}{% endfor %}"
+    with pytest.raises(DataError, match=r"row 1: the chat template refused this row \(no system turns\)"):
+        prepare_sft_data([ROWS["messages"]], t, SFTConfig(eval_fraction=0.0))
 
 
 def test_malformed_rows_are_reported_with_line_numbers(tmp_path):
@@ -263,7 +266,8 @@ def test_tiny_model_learns_toy_instructions(tiny_model_dir, tmp_path):
     model = PeftModel.from_pretrained(model, str(run / "adapter"))
     tok = load_tokenizer(run / "adapter")
     answer = generate_chat(model, tok, "Which field is the word 'dose' from?", max_new_tokens=12)
-    assert isinstance(answer, str) and "###" not in answer
+    # the answer ends with a learned EOS well before the limit, and holds no template scaffolding
+    assert len(tok(answer, add_special_tokens=False).input_ids) < 12 and "###" not in answer
 
 
 @pytest.fixture(scope="module")
