@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .errors import LoraDaptError
 
@@ -56,13 +57,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .corpus import prepare_corpus
+    from .corpus import format_stats, prepare_corpus
     from .model import load_tokenizer, resolve_model_source
 
     cfg = _load_config(args)
     tok = load_tokenizer(resolve_model_source(cfg.model.name_or_path, cfg.model.gguf_file))
     corpus = prepare_corpus(cfg.data.sources, tok, cfg.data)
-    print(corpus.stats.summary())
+    print(format_stats(corpus.stats))
     return 0
 
 
@@ -81,10 +82,65 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import RunConfig
+    from .evaluate import evaluate_texts, general_texts, read_text_sources
+    from .model import load_adapter, load_base_model
+
+    target = Path(args.target)
+    texts: list[str] = read_text_sources(args.texts) if args.texts else []
+    quant = None if args.quantization == "none" else args.quantization
+    if (target / "run_info.json").is_file():  # a run directory: its base + its adapter
+        base = json.loads((target / "run_info.json").read_text())["base_model"]
+        model, tok = load_base_model(
+            base["name_or_path"],
+            quantization=args.quantization or base.get("quantization", "nf4"),
+            gguf_file=base.get("gguf_file"),
+        )
+        model = load_adapter(model, target / "adapter")
+        if not texts and (target / "eval_texts.json").is_file():
+            texts = json.loads((target / "eval_texts.json").read_text())
+    elif target.suffix in (".yaml", ".yml"):  # a config: its base model, its eval sources
+        cfg = RunConfig.from_yaml(target, check=False)
+        model, tok = load_base_model(
+            cfg.model.name_or_path,
+            quantization=args.quantization or cfg.model.quantization,
+            gguf_file=cfg.model.gguf_file,
+        )
+        if not texts and cfg.data.eval_sources:
+            texts = read_text_sources(cfg.data.eval_sources)
+    else:  # a model directory (e.g. a merged model) or a GGUF file
+        model, tok = load_base_model(target, quantization=quant or None)
+    rows = {}
+    if texts:
+        rows["domain"] = evaluate_texts(model, tok, texts, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    general = general_texts(args.general or None) if not args.no_general else []
+    if general:
+        rows["general"] = evaluate_texts(
+            model, tok, general, seq_len=args.seq_len, max_tokens=args.max_tokens
+        )
+    if not rows:
+        print("nothing to evaluate: pass --texts FILES (and/or --general FILES)", file=sys.stderr)
+        return 2
+    print(f"{'split':<8} {'tokens':>9} {'loss':>8} {'ppl':>9} {'bits/byte':>9}")
+    for split, r in rows.items():
+        bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "-"
+        print(f"{split:<8} {r.tokens:>9} {r.loss:>8.4f} {r.ppl:>9.3f} {bpb:>9}")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_run
 
-    out = merge_run(args.run_dir, output_dir=args.output, dtype=args.dtype, base_source=args.base_source)
+    out = merge_run(
+        args.run_dir,
+        output_dir=args.output,
+        dtype=args.dtype,
+        base_source=args.base_source,
+        device=args.device,
+        tolerance=args.tolerance,
+        overwrite=args.overwrite,
+    )
     print(f"merged model written: {out}")
     return 0
 
@@ -95,6 +151,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "config": (cmd_config, "list every config key with its default and meaning"),
     "report": (cmd_report, "write report.md and plots for a run directory"),
     "merge": (cmd_merge, "merge a run's adapter into a verified 16-bit model"),
+    "eval": (cmd_eval, "perplexity / bits-per-byte of a run, a config's base model, or a model directory"),
 }
 
 
@@ -130,6 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=["original", "dequantized"],
                 help="merge into the original 16-bit base (default) or the dequantized 4-bit base",
             )
+            p.add_argument("--device", default=None, help="auto (default), cpu or cuda[:N]")
+            p.add_argument(
+                "--tolerance", type=float, default=None, help="allowed relative |logit| difference"
+            )
+            p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+        if name == "eval":
+            p.add_argument("target", help="run directory, YAML config, model directory or .gguf file")
+            p.add_argument("--texts", nargs="+", default=None, help="domain text files/dirs/globs to score")
+            p.add_argument(
+                "--general", nargs="+", default=None, help="general text files (default: built-in)"
+            )
+            p.add_argument("--no-general", action="store_true", help="skip the general-text measurement")
+            p.add_argument("--quantization", default=None, choices=["nf4", "fp4", "int8", "none"])
+            p.add_argument(
+                "--seq-len", type=int, default=None, help="window length (default: model max, <=1024)"
+            )
+            p.add_argument("--max-tokens", type=int, default=200_000, help="cap on tokens scored per split")
     return parser
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .config import AdapterConfig
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, TrainingError
 
 log = logging.getLogger("lora_dapt")
 
@@ -308,6 +308,8 @@ def load_base_model(
         raise ModelLoadError(f"cannot load the model from {source!s}: {e}") from None
     if qcfg is None:
         model.to(dev)
+    elif dev.type == "cpu":
+        keep_4bit_trainable(model)  # before any forward, so no layer is ever repacked (see its docstring)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
@@ -361,6 +363,38 @@ def tied_embeddings(model: Any) -> bool:
     return out is not None and inp.weight.data_ptr() == out.weight.data_ptr()
 
 
+def keep_4bit_trainable(model: Any) -> int:
+    """Keep bitsandbytes 4-bit layers on the CPU in a layout that gradients flow through.
+
+    bitsandbytes (0.49+) on CPUs with AVX512-BF16 repacks a Linear4bit's weight into an inference-only layout
+    on its first eval-mode, no-grad forward (an evaluation, a generate()). The kernel it uses from then on
+    has no backward, so after any evaluation the gradient stops at every frozen 4-bit layer and LoRA trains
+    on silently wrong gradients (measured on the tiny test model: the first layer's LoRA gradient was off by
+    more than its own size). We switch that repacking off per layer (an instance setting of Linear4bit);
+    inference on the CPU is then a little slower. :func:`load_base_model` does this before the first forward.
+    A layer repacked already cannot be restored exactly (bitsandbytes' inverse rounds the scales and the
+    gradients stay visibly off), so a model in that state is refused with the fix.
+
+    Returns the number of layers switched.
+    """
+    switched = repacked = 0
+    for module in model.modules():
+        if type(module).__name__ != "Linear4bit":
+            continue
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+        state = getattr(module.weight, "quant_state", None)
+        repacked += bool(state is not None and getattr(state, "packing_format_for_cpu", False))
+    if repacked:
+        raise TrainingError(
+            f"{repacked} 4-bit layers of this model were repacked by bitsandbytes for CPU inference (it was "
+            "evaluated or generated from before training), and that layout passes no gradient. Load the model "
+            "again with lora_dapt.load_base_model, which prevents the repacking, then evaluate and train it."
+        )
+    return switched
+
+
 def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any) -> Any:
     """Attach a LoRA adapter (peft) to ``model`` and return the ``PeftModel``.
 
@@ -392,6 +426,7 @@ def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any
             )
 
     quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+    keep_4bit_trainable(model)
     gc_kwargs = {"use_reentrant": False}
     if quantized:
         model = prepare_model_for_kbit_training(

@@ -609,6 +609,9 @@ def continued_pretrain(
             f"training blocks lack column(s) {sorted(missing)}; build them with lora_dapt.prepare_corpus"
         )
     seq_len = len(train_ds[0]["input_ids"])
+    from .model import keep_4bit_trainable
+
+    keep_4bit_trainable(model)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 

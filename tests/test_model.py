@@ -122,3 +122,62 @@ def test_apply_lora_twice_refused(tiny_model_dir):
     model = apply_lora(model, AdapterConfig(r=2))
     with pytest.raises(ConfigError, match="already has a LoRA adapter"):
         apply_lora(model, AdapterConfig(r=2))
+
+
+def _lora_grad(model_dir, *, eval_before: str | None, loader: str = "lora_dapt") -> torch.Tensor:
+    if loader == "lora_dapt":
+        model, _ = load_base_model(model_dir, quantization="nf4")
+    else:  # plain transformers, as a user might load it
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+            dtype=torch.float32,
+            device_map={"": "cpu"},
+        )
+    torch.manual_seed(1)
+    x = torch.randint(3, 300, (2, 16))
+
+    def evaluate(m):
+        m.eval()
+        with torch.no_grad():
+            m(input_ids=x)
+
+    if eval_before == "base":
+        evaluate(model)
+    torch.manual_seed(0)
+    model = apply_lora(model, AdapterConfig(r=4, dropout=0.0, init_lora_weights=False))
+    if eval_before == "adapter":
+        evaluate(model)
+    from lora_dapt.model import keep_4bit_trainable
+
+    keep_4bit_trainable(model)  # what continued_pretrain does first
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    return model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight.grad
+
+
+@pytest.mark.parametrize("when", ["base", "adapter"])
+def test_evaluating_before_training_keeps_gradients_right(tiny_model_dir, when):
+    # bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights on an eval forward into a layout whose kernel has
+    # no backward; the gradient of the first layer's LoRA must be the same with or without that evaluation.
+    reference = _lora_grad(tiny_model_dir, eval_before=None)
+    assert reference.abs().max() > 0
+    assert torch.allclose(_lora_grad(tiny_model_dir, eval_before=when), reference, atol=1e-6)
+
+
+def test_foreign_repacked_model_is_refused_for_training(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    from lora_dapt.errors import TrainingError
+
+    if not bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+
+    reference = _lora_grad(tiny_model_dir, eval_before=None, loader="transformers")
+    assert reference.abs().max() > 0
+    with pytest.raises(
+        TrainingError, match="repacked by bitsandbytes .* Load the model again with lora_dapt"
+    ):
+        _lora_grad(tiny_model_dir, eval_before="base", loader="transformers")
