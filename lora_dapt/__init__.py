@@ -53,6 +53,10 @@ _LAZY = {
     "write_report": "report",
     "merge_adapter": "merge",
     "merge_run": "merge",
+    "sft": "sft",
+    "sft_from_config": "sft",
+    "prepare_sft_data": "sft",
+    "generate_chat": "sft",
     "run": "pipeline",
 }
 

@@ -23,6 +23,7 @@ examples:
   lora-dapt prepare config.yaml                 # corpus statistics only, no training
   lora-dapt report runs/demo                    # report.md + plots for a run directory
   lora-dapt merge runs/demo --dtype bfloat16    # verified 16-bit merged model
+  lora-dapt sft config.yaml                     # instruction tuning on the DAPT run (sft: section)
   lora-dapt config                              # every config key with its default and meaning
 """
 
@@ -64,6 +65,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     tok = load_tokenizer(resolve_model_source(cfg.model.name_or_path, cfg.model.gguf_file))
     corpus = prepare_corpus(cfg.data.sources, tok, cfg.data)
     print(format_stats(corpus.stats))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .config import RunConfig
+    from .sft import sft_from_config
+
+    # check=False: an SFT-only file has no data.sources; sft_from_config checks what it uses
+    result = sft_from_config(RunConfig.from_yaml(args.config, overrides=args.set, check=False))
+    print(json.dumps({k: v for k, v in result.to_dict().items() if k not in ("before", "after")}, indent=2))
+    if result.forgetting:
+        from .evaluate import format_forgetting
+
+        print(format_forgetting(result.forgetting))
     return 0
 
 
@@ -147,6 +162,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "continued pre-training from a YAML config"),
+    "sft": (cmd_sft, "instruction tuning (SFT) on a DAPT run, a merged model or a base model"),
     "prepare": (cmd_prepare, "read, clean, split and pack the corpus; print its statistics"),
     "config": (cmd_config, "list every config key with its default and meaning"),
     "report": (cmd_report, "write report.md and plots for a run directory"),
@@ -167,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (func, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
-        if name in ("train", "prepare"):
+        if name in ("train", "prepare", "sft"):
             p.add_argument("config", help="YAML config file (see `lora-dapt config` for every key)")
             p.add_argument(
                 "--set",

@@ -902,7 +902,8 @@ def _save_run_files(
                 if isinstance(peft_cfg.target_modules, (set, list))
                 else peft_cfg.target_modules,
             },
-            "train": cfg.to_dict(),
+            # an SFTConfig is a TrainConfig with more keys: keep the ones the train section knows
+            "train": {k: v for k, v in cfg.to_dict().items() if k in TrainConfig.__dataclass_fields__},
             "eval": eval_cfg.to_dict(),
         }
         (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
