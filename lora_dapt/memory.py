@@ -1,0 +1,931 @@
+"""How much memory a run needs, and which settings make it fit a GPU.
+
+:func:`estimate_memory` adds up what a LoRA/QLoRA (or full fine-tuning) step holds at its peak, in bytes:
+
+* ``weights``: the frozen base. NF4/FP4 linear layers take 0.5 byte per parameter plus their quantization
+  constants (one uint8 per 64 weights with double quantization, one fp32 per 64 without); int8 takes 1 byte
+  plus an fp32 scale per row. Everything bitsandbytes does not quantize (embeddings, output head, norms) is
+  held in the compute dtype -- or in **fp32 for quantized models**, because ``apply_lora`` calls peft's
+  ``prepare_model_for_kbit_training``, which upcasts every 16-bit parameter to fp32. For models with large
+  vocabularies that upcast is the biggest single item after the 4-bit weights (Llama-3-8B: 4.2 GB of fp32
+  embeddings and head against 3.6 GB of NF4 linears); ``upcast_non_quantized=False`` shows what it would be
+  without.
+* ``adapter``, ``gradients``, ``optimizer``: LoRA A/B matrices (fp32, peft's default), their fp32 gradients,
+  and AdamW's two fp32 moments (8 bytes/parameter) or an 8-bit optimizer's two bytes.
+* ``activations``: what autograd saves for the backward pass. Without gradient checkpointing every decoder
+  layer keeps its norms, LoRA inputs (and dropout copies), attention inputs/outputs and MLP intermediates;
+  with checkpointing only each layer's input survives, plus one layer recomputed at a time. Attention is
+  counted for memory-efficient kernels (flash / SDPA without a materialised ``T x T`` matrix).
+* ``logits``: the loss. lora_dapt's chunked loss holds ``[chunk, vocab]`` fp32 logits at a time
+  (``train.LOSS_CHUNK_TOKENS``); a plain ``model(..., labels=...)`` loss holds ``[batch, seq, vocab]``.
+* ``overhead``: on CUDA the context and cuBLAS workspaces (not seen by ``torch.cuda.max_memory_allocated``
+  but taken from the card) plus allocator fragmentation.
+
+The weights and adapter terms are exact to within bitsandbytes' per-tensor constants and are checked against
+the bytes a loaded model really holds (``tests/test_memory.py``). Activations are a model of what PyTorch
+saves, checked against the saved tensors of real steps on CPU (``benchmarks/bench_memory.py``); on GPU the
+numbers have to be validated with ``benchmarks/bench_gpu.py``.
+
+:func:`plan` searches sequence length, micro-batch, gradient checkpointing, optimizer and LoRA rank for
+settings that fit a GPU, and says what does not fit and why. ``lora-dapt plan`` prints it::
+
+    lora-dapt plan llama-3-8b --gpu-memory 12GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import AdapterConfig
+from .errors import ConfigError, ModelLoadError
+
+GiB = 2**30
+
+# ---------------------------------------------------------------------------------------------------------------
+# Known models: configs written out so that `lora-dapt plan` works offline. The numbers are those of the
+# published config.json files (hidden size, MLP width, layers, heads, KV heads, vocabulary, tied embeddings).
+# ---------------------------------------------------------------------------------------------------------------
+
+_LLAMA3 = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+}
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    "llama-3-8b": {
+        **_LLAMA3,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": False,
+    },
+    "llama-3.2-3b": {
+        **_LLAMA3,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": True,
+    },
+    "llama-3.2-1b": {
+        **_LLAMA3,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": True,
+    },
+    "mistral-7b": {
+        "model_type": "mistral",
+        "vocab_size": 32768,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+    },
+    "qwen2.5-7b": {
+        "model_type": "qwen2",
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+    },
+    "smollm2-135m": {
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+    },
+    "smollm2-1.7b": {
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+    },
+}
+_ALIASES = {
+    "llama-3.1-8b": "llama-3-8b",
+    "llama3-8b": "llama-3-8b",
+    "llama-3-8b-instruct": "llama-3-8b",
+    "llama-3.1-8b-instruct": "llama-3-8b",
+    "8b": "llama-3-8b",
+    "llama-3.2-3b-instruct": "llama-3.2-3b",
+    "llama-3.2-1b-instruct": "llama-3.2-1b",
+    "mistral-7b-v0.3": "mistral-7b",
+    "qwen2.5-7b-instruct": "qwen2.5-7b",
+    "smollm2-135m-instruct": "smollm2-135m",
+}
+
+CUDA_CONTEXT_BYTES = 512 * 2**20
+"""CUDA context + cuBLAS/cuDNN workspaces: memory the card loses that torch's allocator never reports."""
+FRAGMENTATION = 0.05
+"""Allocator slack on top of what is allocated (the caching allocator rounds and fragments blocks)."""
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model shape
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that set memory, read from a model's config and its module tree (built on the meta device).
+
+    ``linears`` lists every linear layer LoRA can target (output head excluded) as (leaf name, in, out).
+    """
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_embeddings: bool
+    linears: tuple[tuple[str, int, int], ...]
+    embedding_params: int
+    """Input embeddings plus (when untied) the output head."""
+    other_params: int
+    """Norms, biases and anything else that is neither a targetable linear layer nor an embedding."""
+    max_position_embeddings: int | None = None
+
+    @property
+    def linear_params(self) -> int:
+        return sum(i * o for _, i, o in self.linears)
+
+    @property
+    def total_params(self) -> int:
+        return self.linear_params + self.embedding_params + self.other_params
+
+
+def _text_config(cfg: Any) -> Any:
+    # multimodal configs keep the language model's sizes in text_config
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def _load_config(model: str | Path) -> tuple[Any, str]:
+    from transformers import AutoConfig
+
+    text = str(model)
+    key = _ALIASES.get(text.lower(), text.lower())
+    if key in KNOWN_MODELS:
+        data = dict(KNOWN_MODELS[key])
+        return _config_from_dict(data), key
+    p = Path(text)
+    try:
+        if p.is_file() and p.suffix == ".gguf":
+            return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name), p.stem
+        if p.is_dir():
+            if (p / "config.json").is_file():
+                return AutoConfig.from_pretrained(str(p)), p.name
+            ggufs = sorted(p.glob("*.gguf"))
+            if ggufs:
+                return AutoConfig.from_pretrained(str(p), gguf_file=ggufs[0].name), ggufs[0].stem
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the model config of {text}: {e}") from None
+    raise ModelLoadError(
+        f"model {text!r} is neither a known model ({', '.join(sorted(KNOWN_MODELS))}) nor a directory with "
+        "config.json or a .gguf file. Pass a local model directory, or one of the known names."
+    )
+
+
+def _config_from_dict(data: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    data = dict(data)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def model_shape(model_or_config: Any) -> ModelShape:
+    """Read the sizes of a model from a known name, a directory (config.json or GGUF), a config or a model.
+
+    The module tree is built on the meta device (no memory, about a second for 8B), so every architecture
+    transformers knows is counted from its real layers, not from a formula.
+
+    >>> s = model_shape("llama-3-8b")
+    >>> s.total_params, s.num_layers, len(s.linears)
+    (8030261248, 32, 224)
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(model_or_config, ModelShape):
+        return model_or_config
+    name = ""
+    module = None
+    if isinstance(model_or_config, torch.nn.Module):
+        module = model_or_config
+        if hasattr(module, "get_base_model"):
+            module = module.get_base_model()
+        cfg = module.config
+        name = getattr(cfg, "name_or_path", "") or type(module).__name__
+    elif isinstance(model_or_config, PretrainedConfig):
+        cfg = model_or_config
+        name = getattr(cfg, "name_or_path", "") or cfg.model_type
+    elif isinstance(model_or_config, dict):
+        cfg = _config_from_dict(model_or_config)
+        name = cfg.model_type
+    elif isinstance(model_or_config, (str, Path)):
+        cfg, name = _load_config(model_or_config)
+    else:
+        raise ConfigError(
+            f"estimate_memory: cannot read a model from {type(model_or_config).__name__}; pass a model, a "
+            "transformers config, a config dict, a model directory or a known name such as 'llama-3-8b'"
+        )
+    if module is None:
+        if getattr(cfg, "quantization_config", None) is not None:
+            cfg = type(cfg).from_dict({k: v for k, v in cfg.to_dict().items() if k != "quantization_config"})
+        try:
+            with torch.device("meta"):
+                module = AutoModelForCausalLM.from_config(cfg)
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"cannot build {name} from its config: {e}") from None
+    return _shape_of_module(module, _text_config(cfg), name)
+
+
+def _shape_of_module(module: Any, tcfg: Any, name: str) -> ModelShape:
+    import torch
+
+    head = module.get_output_embeddings()
+    emb = module.get_input_embeddings()
+    linears = []
+    seen: set[int] = set()
+    embedding_params = 0
+    for p in (emb.weight, getattr(head, "weight", None)):
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
+            embedding_params += p.numel()
+    for mod_name, mod in module.named_modules():
+        if mod is head or mod is emb:
+            continue
+        parts = mod_name.split(".")
+        if "base_layer" in parts or any(p.startswith("lora_") for p in parts):
+            continue  # inside a peft LoRA wrapper: the wrapper stands for its base layer
+        layer = getattr(mod, "base_layer", mod)
+        if isinstance(layer, torch.nn.Linear) or type(layer).__name__ in ("Linear4bit", "Linear8bitLt"):
+            linears.append((parts[-1], int(layer.in_features), int(layer.out_features)))
+            seen.add(id(layer.weight))
+    other = 0
+    for pname, p in module.named_parameters():
+        if id(p) in seen or "lora_" in pname:
+            continue
+        seen.add(id(p))
+        other += p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+    hidden = int(tcfg.hidden_size)
+    heads = int(getattr(tcfg, "num_attention_heads", 1))
+    head_dim = int(getattr(tcfg, "head_dim", None) or hidden // heads)
+    return ModelShape(
+        name=str(name),
+        vocab_size=int(tcfg.vocab_size),
+        hidden_size=hidden,
+        intermediate_size=int(getattr(tcfg, "intermediate_size", None) or 4 * hidden),
+        num_layers=int(tcfg.num_hidden_layers),
+        num_heads=heads,
+        num_kv_heads=int(getattr(tcfg, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        tie_embeddings=bool(getattr(tcfg, "tie_word_embeddings", False)),
+        linears=tuple(linears),
+        embedding_params=int(embedding_params),
+        other_params=int(other),
+        max_position_embeddings=getattr(tcfg, "max_position_embeddings", None),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Estimate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak memory of one training step, by component, in bytes (see the module docstring for each)."""
+
+    weights: int
+    adapter: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    overhead: int
+    trainable_params: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return (
+            self.weights
+            + self.adapter
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.overhead
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-ready) including ``total``."""
+        return {**asdict(self), "total": self.total}
+
+    def table(self) -> str:
+        """A small human-readable breakdown in GiB.
+
+        Example::
+
+            print(estimate_memory("llama-3-8b", seq_len=2048).table())
+        """
+        rows = [
+            ("base weights", self.weights),
+            (f"adapter ({self.trainable_params / 1e6:.1f}M trainable)", self.adapter),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer),
+            ("activations", self.activations),
+            ("loss / logits", self.logits),
+            ("overhead", self.overhead),
+        ]
+        width = max(len(r[0]) for r in rows) + 2
+        lines = [f"{label:<{width}}{b / GiB:8.2f} GiB" for label, b in rows]
+        lines.append(f"{'total':<{width}}{self.total / GiB:8.2f} GiB")
+        return "\n".join(lines)
+
+
+def _quantized_linear_bytes(
+    shape: ModelShape, quantization: str | None, dtype_bytes: int, double_quant: bool
+) -> int:
+    total = 0
+    for _, i, o in shape.linears:
+        n = i * o
+        if quantization in ("nf4", "fp4"):
+            # packed 4-bit values + absmax per 64-block; double quant stores absmax as uint8 with an fp32
+            # absmax per 256 blocks, plus two small codebooks (16 and 256 fp32) per tensor
+            blocks = math.ceil(n / 64)
+            if double_quant:
+                total += n // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256) + 4
+            else:
+                total += n // 2 + 4 * blocks + 4 * 16
+        elif quantization == "int8":
+            total += n + 4 * o  # int8 weights + an fp32 scale per output row
+        else:
+            total += n * dtype_bytes
+    return total
+
+
+def _activation_bytes(
+    shape: ModelShape, tokens: int, seq_len: int, s: int, checkpointing: bool, lora_r: int, dropout: float
+) -> int:
+    """Bytes autograd saves for one micro-batch of ``tokens`` tokens (s = bytes of the compute dtype)."""
+    h, inter = shape.hidden_size, shape.intermediate_size
+    n_lin = max(1, len(shape.linears) // max(1, shape.num_layers))  # LoRA-wrapped linears per layer
+    drop = 1 if dropout > 0 else 0
+    # One decoder layer, bytes per token. The coefficients were fitted to the tensors autograd really saves
+    # (torch.autograd.graph.saved_tensors_hooks, Llama + peft LoRA r=16 all-linear, dropout 0.05, fp32 and
+    # bf16, hidden 256, MLP 512/1024): hidden-sized terms (two RMSNorms with their fp32 copies, q/k/v/o and
+    # the attention kernel's inputs/outputs, LoRA dropout copies) ~ (6s + 34) bytes per hidden unit; MLP
+    # terms (gate, up, silu, their product, down's dropout copy) ~ (6s + 9) per intermediate unit. Dropout
+    # 0 drops the copies (about 1/4 of each). The CPU math attention's [heads, T, T] matrix is not counted
+    # (flash / memory-efficient kernels on GPU do not keep it).
+    per_layer = (6 * s + 34) * h + (6 * s + 9) * inter + n_lin * lora_r * s
+    if not drop:
+        per_layer = int(per_layer * 0.75)
+    if checkpointing:
+        # each layer keeps only its input hidden state (measured: exactly h*s per layer and token); the
+        # backward pass recomputes one layer at a time and holds its activations plus their gradients
+        kept = shape.num_layers * h * s + int(1.5 * per_layer)
+    else:
+        kept = shape.num_layers * per_layer
+    # embedding output, final norm, the [n, hidden] copy of trained positions handed to the loss
+    return int(tokens * (kept + 2 * h * 4 + 3 * h * s))
+
+
+def estimate_memory(
+    model_or_config: Any,
+    quantization: str | None = "nf4",
+    adapter: AdapterConfig | int | None = 16,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    gradient_checkpointing: bool = True,
+    optimizer: str = "adamw",
+    *,
+    compute_dtype: str = "bfloat16",
+    device: str = "cuda",
+    double_quant: bool = True,
+    upcast_non_quantized: bool | None = None,
+    loss: str = "chunked",
+    loss_chunk_tokens: int | None = None,
+) -> MemoryEstimate:
+    """Estimate the peak memory of one training step.
+
+    Args:
+        model_or_config: a known name ('llama-3-8b', see ``KNOWN_MODELS``), a model directory (config.json, or
+            a GGUF file whose metadata holds the config), a transformers config or config dict, or a model.
+        quantization: 'nf4' | 'fp4' | 'int8' | None (16-bit base).
+        adapter: an :class:`AdapterConfig`, a LoRA rank, or None for full fine-tuning (every weight trained).
+        seq_len, batch_size: tokens per block and blocks per micro-step.
+        gradient_checkpointing: recompute activations in the backward pass.
+        optimizer: 'adamw' (two fp32 moments), 'adamw_8bit' / 'paged_adamw_8bit' (two bytes), 'sgd' (none).
+        compute_dtype: dtype of non-quantized weights and activations ('bfloat16' on GPUs, 'float32' on CPU).
+        device: 'cuda' adds the CUDA context and allocator slack; 'cpu' adds nothing (compare with RSS growth).
+        double_quant: bitsandbytes double quantization of the 4-bit constants (lora_dapt's default).
+        upcast_non_quantized: non-quantized parameters in fp32; None = what ``apply_lora`` does (True for
+            quantized models, through peft's ``prepare_model_for_kbit_training``).
+        loss: 'chunked' (lora_dapt's loss) or 'full' (``model(..., labels=...)``: [batch, seq, vocab] logits).
+        loss_chunk_tokens: chunk of the chunked loss (default ``train.LOSS_CHUNK_TOKENS``).
+
+    Returns:
+        A :class:`MemoryEstimate`; ``.total`` in bytes, ``.table()`` to print.
+
+    Example::
+
+        est = estimate_memory("llama-3-8b", "nf4", AdapterConfig(r=16), seq_len=2048, batch_size=2)
+        print(est.table())
+    """
+    problems = []
+    if quantization in ("none", ""):
+        quantization = None
+    if quantization not in (None, "nf4", "fp4", "int8"):
+        problems.append(f"quantization = {quantization!r}: use 'nf4', 'fp4', 'int8' or None")
+    if compute_dtype not in _DTYPE_BYTES:
+        problems.append(f"compute_dtype = {compute_dtype!r}: use one of {', '.join(_DTYPE_BYTES)}")
+    if optimizer not in ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"):
+        problems.append(f"optimizer = {optimizer!r}: use 'adamw', 'adamw_8bit', 'paged_adamw_8bit' or 'sgd'")
+    if not (isinstance(seq_len, int) and seq_len >= 2):
+        problems.append(f"seq_len = {seq_len!r}: must be an int >= 2")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        problems.append(f"batch_size = {batch_size!r}: must be an int >= 1")
+    if adapter is None and quantization is not None:
+        problems.append(
+            "adapter = None (full fine-tuning) needs quantization=None: quantized weights cannot be trained"
+        )
+    if loss not in ("chunked", "full"):
+        problems.append(f"loss = {loss!r}: use 'chunked' or 'full'")
+    if problems:
+        raise ConfigError(problems, header="cannot estimate memory")
+    if isinstance(adapter, int):
+        adapter = AdapterConfig(r=adapter)
+    shape = model_shape(model_or_config)
+    s = _DTYPE_BYTES[compute_dtype]
+    upcast = (quantization is not None) if upcast_non_quantized is None else upcast_non_quantized
+    nonq_bytes = 4 if upcast else s
+    full_ft = adapter is None
+
+    # -- weights ---------------------------------------------------------------------------------------
+    weights = _quantized_linear_bytes(shape, quantization, s, double_quant)
+    weights += (shape.embedding_params + shape.other_params) * nonq_bytes
+
+    # -- trainable parameters, their gradients and optimizer states -------------------------------------
+    if full_ft:
+        trainable = shape.total_params
+        p_bytes = s  # full fine-tuning trains the weights in their own dtype
+        adapter_bytes = 0
+        lora_r, dropout = 0, 0.0
+    else:
+        targets = adapter.target_modules
+        chosen = [(i, o) for leaf, i, o in shape.linears if targets == "all-linear" or leaf in set(targets)]
+        if not chosen:
+            raise ConfigError(
+                f"adapter.target_modules = {targets!r} matches no linear layer of {shape.name}; its layers "
+                f"are {', '.join(sorted({leaf for leaf, _, _ in shape.linears}))}"
+            )
+        trainable = sum(adapter.r * (i + o) for i, o in chosen)
+        if adapter.use_dora:
+            trainable += sum(o for _, o in chosen)  # DoRA's magnitude vector
+        if adapter.train_embeddings:
+            trainable += shape.embedding_params
+        p_bytes = 4  # peft keeps adapter weights in fp32
+        adapter_bytes = trainable * p_bytes
+        lora_r, dropout = adapter.r, adapter.dropout
+    gradients = trainable * p_bytes
+    if optimizer == "adamw":
+        opt_bytes = trainable * 2 * p_bytes
+    elif optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        # two uint8 moments + one fp32 absmax per 256-value block each (bitsandbytes blockwise 8-bit)
+        opt_bytes = trainable * 2 + 2 * 4 * math.ceil(trainable / 256)
+    else:
+        opt_bytes = 0
+
+    # -- activations and loss --------------------------------------------------------------------------
+    tokens = seq_len * batch_size
+    activations = _activation_bytes(shape, tokens, seq_len, s, gradient_checkpointing, lora_r, dropout)
+    if full_ft and not gradient_checkpointing:
+        activations = int(activations * 0.85)  # no LoRA inputs or dropout copies
+    v = shape.vocab_size
+    if loss == "chunked":
+        if loss_chunk_tokens is None:
+            from .train import LOSS_CHUNK_TOKENS as loss_chunk_tokens
+        n = min(tokens, loss_chunk_tokens)
+        # one chunk in the backward pass: logits (compute dtype), their fp32 copy (a no-op in fp32), the saved
+        # log-softmax and the fp32 gradient
+        logits = n * v * (s + (4 if s != 4 else 0) + 4 + 4)
+    else:
+        # [B, T, V] logits kept for the outputs, fp32 upcast, log-softmax, and the fp32 gradient
+        logits = tokens * v * (s + (4 if s != 4 else 0) + 4 + 4)
+    if upcast and s != 4:
+        # autocast casts the fp32 head to the compute dtype at each call (not cached: it is frozen)
+        logits += v * shape.hidden_size * s
+    if quantization in ("nf4", "fp4", "int8"):
+        # bitsandbytes dequantizes one linear layer at a time for the matmul (twice: forward + backward)
+        logits += 2 * max(i * o for _, i, o in shape.linears) * s
+
+    base = weights + adapter_bytes + gradients + opt_bytes + activations + logits
+    overhead = (CUDA_CONTEXT_BYTES + int(FRAGMENTATION * base)) if device.startswith("cuda") else 0
+    return MemoryEstimate(
+        weights=int(weights),
+        adapter=int(adapter_bytes),
+        gradients=int(gradients),
+        optimizer=int(opt_bytes),
+        activations=int(activations),
+        logits=int(logits),
+        overhead=int(overhead),
+        trainable_params=int(trainable),
+        settings={
+            "model": shape.name,
+            "params": shape.total_params,
+            "quantization": quantization or "none",
+            "method": "full" if full_ft else "lora",
+            "rank": lora_r,
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "gradient_checkpointing": gradient_checkpointing,
+            "optimizer": optimizer,
+            "compute_dtype": compute_dtype,
+            "device": device,
+            "upcast_non_quantized": upcast,
+            "loss": loss,
+        },
+    )
+
+
+def tensor_bytes(model: Any) -> dict[str, int]:
+    """Bytes a loaded model really holds, counted tensor by tensor (4-bit packed storage and its quantization
+    constants, int8 row scales included): ``{"weights": frozen, "adapter": trainable, "buffers": ...}``.
+
+    Used to check :func:`estimate_memory` against reality.
+
+    Example::
+
+        model, _ = load_base_model(path, quantization="nf4")
+        print(tensor_bytes(model)["weights"] / 2**20, "MiB")
+    """
+    out = {"weights": 0, "adapter": 0, "buffers": 0}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel() * p.element_size()
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:  # bitsandbytes 4-bit: absmax (+ nested absmax) and codebooks
+            for t in (
+                qs.absmax,
+                qs.code,
+                getattr(qs.state2, "absmax", None),
+                getattr(qs.state2, "code", None),
+            ):
+                if t is not None:
+                    n += t.numel() * t.element_size()
+        scb = getattr(p, "SCB", None)
+        if scb is not None:  # bitsandbytes int8 row scales
+            n += scb.numel() * scb.element_size()
+        out["adapter" if p.requires_grad else "weights"] += n
+    for b in model.buffers():
+        out["buffers"] += b.numel() * b.element_size()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------------------------
+
+
+_UNITS = {"": GiB, "b": 1, "k": 2**10, "m": 2**20, "g": GiB, "t": 2**40}
+
+
+def parse_memory(text: str | int | float) -> int:
+    """Parse a memory size into bytes. 'GB' counts as GiB: a '12 GB' card has 12 GiB (12288 MiB).
+
+    A bare number is in GB. Accepts B, K/KB/KiB, M/MB/MiB, G/GB/GiB, T/TB/TiB, any case, with or without a
+    space.
+
+    >>> parse_memory("12GB"), parse_memory("24 GiB") == 24 * 2**30, parse_memory("8000MiB"), parse_memory(16)
+    (12884901888, True, 8388608000, 17179869184)
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtKMGT]?)(i?[bB])?\s*", str(text))
+        if m is None:
+            raise ConfigError(
+                f"memory size {text!r}: give a number with a unit, such as '12GB', '24 GiB' or '8000MiB'"
+            )
+        value, unit = float(m.group(1)), m.group(2).lower()
+        if not unit and m.group(3):
+            unit = "b"
+    if value <= 0 or not math.isfinite(value):
+        raise ConfigError(f"memory size {text!r}: must be > 0")
+    return int(value * _UNITS[unit])
+
+
+@dataclass
+class Plan:
+    """Settings that fit (or the closest miss), their estimate, and why the search chose them."""
+
+    model: str
+    gpu_memory: int
+    fits: bool
+    seq_len: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    optimizer: str
+    rank: int
+    quantization: str
+    estimate: MemoryEstimate
+    notes: list[str] = field(default_factory=list)
+    """Why each setting was chosen, what was given up, and what does not fit."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["estimate"] = self.estimate.to_dict()
+        return d
+
+    def config_overrides(self) -> list[str]:
+        """The plan as ``lora-dapt train --set`` overrides."""
+        return [
+            f"data.seq_len={self.seq_len}",
+            f"train.batch_size={self.micro_batch_size}",
+            f"train.gradient_accumulation_steps={self.gradient_accumulation_steps}",
+            f"adapter.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
+            f"train.optimizer={self.optimizer}",
+            f"adapter.r={self.rank}",
+            f"model.quantization={self.quantization}",
+        ]
+
+
+_SEQ_CANDIDATES = (8192, 4096, 2048, 1024, 512, 256, 128)
+_OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+BUSY_TOKENS = 2048
+"""Tokens per micro-step that keep a GPU busy; beyond them a larger micro-batch gains less than gradient
+checkpointing costs (about a third more compute)."""
+
+
+def plan(
+    model: Any,
+    gpu_memory: int | str,
+    seq_len: int | None = None,
+    *,
+    quantization: str | None = "nf4",
+    rank: int = 16,
+    target_modules: str | list[str] = "all-linear",
+    tokens_per_step: int = 32768,
+    max_seq_len: int = 4096,
+    compute_dtype: str = "bfloat16",
+    min_rank: int = 4,
+) -> Plan:
+    """Pick seq_len, micro-batch, accumulation, checkpointing, optimizer and rank that fit ``gpu_memory``.
+
+    Preference, most important first: keep the requested LoRA rank; the longest sequence (``seq_len`` when
+    given, else the longest of 4096, 2048, ... the model supports, capped at ``max_seq_len``); a micro-step
+    of at least ``BUSY_TOKENS`` tokens; no gradient checkpointing (it costs a third more compute); plain AdamW
+    over paged 8-bit AdamW; then the larger micro-batch. Accumulation brings each optimizer step to about
+    ``tokens_per_step`` tokens, so the effective batch does not depend on what fits.
+
+    Example::
+
+        p = plan("llama-3-8b", "12GB")
+        print(format_plan(p))
+    """
+    budget = parse_memory(gpu_memory) if isinstance(gpu_memory, str) else int(gpu_memory)
+    if budget <= 0:
+        raise ConfigError(f"gpu_memory = {gpu_memory!r}: must be > 0")
+    if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 2):
+        raise ConfigError(f"seq_len = {seq_len!r}: must be an int >= 2, or None to let plan choose")
+    if not (isinstance(rank, int) and rank >= 1):
+        raise ConfigError(f"rank = {rank!r}: must be an int >= 1 (a LoRA rank such as 8, 16 or 64)")
+    shape = model_shape(model)
+    max_pos = shape.max_position_embeddings or max_seq_len
+    if seq_len is not None:
+        seqs = [seq_len]
+    else:
+        seqs = [s for s in _SEQ_CANDIDATES if s <= min(max_seq_len, max_pos)] or [min(max_seq_len, max_pos)]
+    ranks = [rank] + [r for r in (rank // 2, rank // 4, rank // 8) if min_rank <= r < rank]
+    common = {"compute_dtype": compute_dtype, "device": "cuda"}
+
+    def est(r: int, t: int, b: int, ckpt: bool, opt: str, upcast: bool | None = None) -> MemoryEstimate:
+        return estimate_memory(
+            shape,
+            quantization,
+            AdapterConfig(r=r, target_modules=target_modules),
+            t,
+            b,
+            ckpt,
+            opt,
+            upcast_non_quantized=upcast,
+            **common,
+        )
+
+    best: tuple[tuple, tuple, MemoryEstimate] | None = None
+    for r in ranks:
+        for t in seqs:
+            for b in (16, 8, 4, 2, 1):
+                if b > 1 and b * t > 4 * max(BUSY_TOKENS, t):
+                    continue
+                for ckpt in (False, True):
+                    for opt in _OPTIMIZERS:
+                        e = est(r, t, b, ckpt, opt)
+                        if e.total > budget:
+                            continue
+                        key = (r == rank, r, t, min(b * t, BUSY_TOKENS), not ckpt, opt == "adamw", b)
+                        if best is None or key > best[0]:
+                            best = (key, (r, t, b, ckpt, opt), e)
+    notes: list[str] = []
+    q = quantization or "none"
+    if best is not None:
+        r, t, b, ckpt, opt = best[1]
+        e = best[2]
+        accum = max(1, math.ceil(tokens_per_step / (b * t)))
+        notes.append(f"fits: {e.total / GiB:.1f} of {budget / GiB:.1f} GiB estimated")
+        if seq_len is None and t < seqs[0]:
+            e_long = est(r, seqs[0], 1, True, "paged_adamw_8bit")
+            notes.append(
+                f"seq_len {seqs[0]} does not fit even at micro-batch 1 with checkpointing and paged 8-bit "
+                f"AdamW ({e_long.total / GiB:.1f} GiB; activations {e_long.activations / GiB:.1f} GiB)"
+            )
+        if ckpt:
+            e_no = est(r, t, b, False, opt)
+            notes.append(
+                f"gradient checkpointing on: without it activations take {e_no.activations / GiB:.1f} GiB "
+                f"instead of {e.activations / GiB:.1f} GiB (costs about a third more compute)"
+            )
+        if opt != "adamw":
+            e_adam = est(r, t, b, ckpt, "adamw")
+            notes.append(
+                f"paged 8-bit AdamW: plain AdamW would need {(e_adam.total - e.total) / GiB:.2f} GiB more "
+                f"({e_adam.total / GiB:.1f} GiB)"
+            )
+        if r != rank:
+            notes.append(f"LoRA rank lowered from {rank} to {r}: rank {rank} did not fit at any setting")
+        if b * t < BUSY_TOKENS:
+            notes.append(f"micro-step of {b * t} tokens: the GPU will be under-used; expect lower tokens/s")
+        notes.append(
+            f"gradient accumulation {accum}: {b * t * accum:,} tokens per optimizer step (target {tokens_per_step:,})"
+        )
+        return Plan(shape.name, budget, True, t, b, accum, ckpt, opt, r, q, e, notes)
+
+    # nothing fits: report the smallest configuration and what takes the memory
+    r, t = ranks[-1], seqs[-1]
+    e = est(r, t, 1, True, "paged_adamw_8bit")
+    notes.append(
+        f"does not fit: even seq_len {t}, micro-batch 1, gradient checkpointing, paged 8-bit AdamW and rank "
+        f"{r} need {e.total / GiB:.1f} GiB, more than {budget / GiB:.1f} GiB"
+    )
+    notes.append(
+        f"the frozen base alone takes {e.weights / GiB:.1f} GiB ({q}); activations {e.activations / GiB:.2f} GiB, "
+        f"loss {e.logits / GiB:.2f} GiB, CUDA context and slack {e.overhead / GiB:.2f} GiB"
+    )
+    upcast = quantization is not None
+    if upcast:
+        e16 = est(r, t, 1, True, "paged_adamw_8bit", upcast=False)
+        nonq = (shape.embedding_params + shape.other_params) * 4
+        notes.append(
+            f"{nonq / GiB:.1f} GiB of that are embeddings, head and norms in fp32: peft's "
+            "prepare_model_for_kbit_training (called by apply_lora) upcasts every 16-bit parameter. "
+            f"Kept in {compute_dtype} they would take half, and the run would need {e16.total / GiB:.1f} GiB"
+            + (" (fits)" if e16.total <= budget else " (still too much)")
+        )
+    if quantization in (None, "int8"):
+        e4 = estimate_memory(
+            shape,
+            "nf4",
+            AdapterConfig(r=r, target_modules=target_modules),
+            t,
+            1,
+            True,
+            "paged_adamw_8bit",
+            **common,
+        )
+        notes.append(f"with quantization='nf4' it would need {e4.total / GiB:.1f} GiB")
+    notes.append("options: a GPU with more memory, a smaller model, or a CPU run (slow)")
+    return Plan(
+        shape.name,
+        budget,
+        False,
+        t,
+        1,
+        max(1, math.ceil(tokens_per_step / t)),
+        True,
+        "paged_adamw_8bit",
+        r,
+        q,
+        e,
+        notes,
+    )
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as text: the verdict, the settings, the memory breakdown and the reasons.
+
+    Example::
+
+        print(format_plan(plan("llama-3-8b", "24GB")))
+    """
+    head = (
+        f"{p.model}: fits in {p.gpu_memory / GiB:.1f} GiB"
+        if p.fits
+        else f"{p.model}: does NOT fit in {p.gpu_memory / GiB:.1f} GiB"
+    )
+    lines = [head, ""]
+    if p.fits:
+        lines += [
+            f"  quantization           {p.quantization}",
+            f"  LoRA rank              {p.rank}",
+            f"  seq_len                {p.seq_len}",
+            f"  micro-batch            {p.micro_batch_size}",
+            f"  gradient accumulation  {p.gradient_accumulation_steps}",
+            f"  gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}",
+            f"  optimizer              {p.optimizer}",
+            "",
+        ]
+    lines.append("estimated peak (" + ("chosen settings" if p.fits else "smallest settings tried") + "):")
+    lines += ["  " + line for line in p.estimate.table().splitlines()]
+    lines += ["", "why:"] + [f"  - {n}" for n in p.notes]
+    if p.fits:
+        lines += ["", "as overrides: " + " ".join(f"--set {o}" for o in p.config_overrides())]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``lora-dapt plan``'s arguments to ``parser`` (the CLI's subparser)."""
+    parser.add_argument(
+        "model",
+        help=f"model directory (config.json or .gguf), or a known name: {', '.join(sorted(KNOWN_MODELS))}",
+    )
+    parser.add_argument("--gpu-memory", required=True, help="memory of the GPU, e.g. 12GB, 24GiB, 8000MiB")
+    parser.add_argument("--seq-len", type=int, default=None, help="fix the sequence length (default: choose)")
+    parser.add_argument(
+        "--quantization",
+        default="nf4",
+        choices=["nf4", "fp4", "int8", "none"],
+        help="base weights (default nf4)",
+    )
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank to keep if it fits (default 16)")
+    parser.add_argument(
+        "--tokens-per-step", type=int, default=32768, help="tokens per optimizer step; sets accumulation"
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return parser
+
+
+def plan_command(args: argparse.Namespace | list[str] | None = None) -> int:
+    """Run ``lora-dapt plan``: parse (or take) the arguments, print the plan; exit status 0 when it fits.
+
+    Example::
+
+        plan_command(["llama-3-8b", "--gpu-memory", "12GB"])
+    """
+    if not isinstance(args, argparse.Namespace):
+        args = add_plan_arguments(argparse.ArgumentParser(prog="lora-dapt plan")).parse_args(args)
+    quant = None if args.quantization == "none" else args.quantization
+    p = plan(
+        args.model,
+        args.gpu_memory,
+        args.seq_len,
+        quantization=quant,
+        rank=args.rank,
+        tokens_per_step=args.tokens_per_step,
+    )
+    print(json.dumps(p.to_dict(), indent=2) if getattr(args, "json", False) else format_plan(p))
+    return 0 if p.fits else 1
