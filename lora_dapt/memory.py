@@ -5,11 +5,10 @@
 * ``weights``: the frozen base. NF4/FP4 linear layers take 0.5 byte per parameter plus their quantization
   constants (one uint8 per 64 weights with double quantization, one fp32 per 64 without); int8 takes 1 byte
   plus an fp32 scale per row. Everything bitsandbytes does not quantize (embeddings, output head, norms) is
-  held in the compute dtype -- or in **fp32 for quantized models**, because ``apply_lora`` calls peft's
-  ``prepare_model_for_kbit_training``, which upcasts every 16-bit parameter to fp32. For models with large
-  vocabularies that upcast is the biggest single item after the 4-bit weights (Llama-3-8B: 4.2 GB of fp32
-  embeddings and head against 3.6 GB of NF4 linears); ``upcast_non_quantized=False`` shows what it would be
-  without.
+  held in the compute dtype: ``apply_lora`` deliberately skips the fp32 upcast of peft's
+  ``prepare_model_for_kbit_training``, which for large vocabularies is the biggest item after the 4-bit
+  weights (Llama-3-8B: 4.2 GB of fp32 embeddings and head against 3.6 GB of NF4 linears);
+  ``upcast_non_quantized=True`` shows what a stack that upcasts needs.
 * ``adapter``, ``gradients``, ``optimizer``: LoRA A/B matrices (fp32, peft's default), their fp32 gradients,
   and AdamW's two fp32 moments (8 bytes/parameter) or an 8-bit optimizer's two bytes.
 * ``activations``: what autograd saves for the backward pass. Without gradient checkpointing every decoder
@@ -455,8 +454,8 @@ def estimate_memory(
         compute_dtype: dtype of non-quantized weights and activations ('bfloat16' on GPUs, 'float32' on CPU).
         device: 'cuda' adds the CUDA context and allocator slack; 'cpu' adds nothing (compare with RSS growth).
         double_quant: bitsandbytes double quantization of the 4-bit constants (lora_dapt's default).
-        upcast_non_quantized: non-quantized parameters in fp32; None = what ``apply_lora`` does (True for
-            quantized models, through peft's ``prepare_model_for_kbit_training``).
+        upcast_non_quantized: non-quantized parameters in fp32 (as peft's ``prepare_model_for_kbit_training``
+            leaves them); None = what ``apply_lora`` does (keeps them in the compute dtype).
         loss: 'chunked' (lora_dapt's loss) or 'full' (``model(..., labels=...)``: [batch, seq, vocab] logits).
         loss_chunk_tokens: chunk of the chunked loss (default ``train.LOSS_CHUNK_TOKENS``).
 
@@ -493,7 +492,7 @@ def estimate_memory(
         adapter = AdapterConfig(r=adapter)
     shape = model_shape(model_or_config)
     s = _DTYPE_BYTES[compute_dtype]
-    upcast = (quantization is not None) if upcast_non_quantized is None else upcast_non_quantized
+    upcast = bool(upcast_non_quantized)
     nonq_bytes = 4 if upcast else s
     full_ft = adapter is None
 
@@ -811,16 +810,6 @@ def plan(
         f"the frozen base alone takes {e.weights / GiB:.1f} GiB ({q}); activations {e.activations / GiB:.2f} GiB, "
         f"loss {e.logits / GiB:.2f} GiB, CUDA context and slack {e.overhead / GiB:.2f} GiB"
     )
-    upcast = quantization is not None
-    if upcast:
-        e16 = est(r, t, 1, True, "paged_adamw_8bit", upcast=False)
-        nonq = (shape.embedding_params + shape.other_params) * 4
-        notes.append(
-            f"{nonq / GiB:.1f} GiB of that are embeddings, head and norms in fp32: peft's "
-            "prepare_model_for_kbit_training (called by apply_lora) upcasts every 16-bit parameter. "
-            f"Kept in {compute_dtype} they would take half, and the run would need {e16.total / GiB:.1f} GiB"
-            + (" (fits)" if e16.total <= budget else " (still too much)")
-        )
     if quantization in (None, "int8"):
         e4 = estimate_memory(
             shape,

@@ -42,6 +42,15 @@ log = logging.getLogger("lora_dapt")
 
 COMPLETE_MARKER = "lora_dapt_complete.json"
 LOSS_CHUNK_TOKENS = 1024
+"""The most positions per chunk when the loss is chunked."""
+LOSS_LOGITS_BUDGET = 256 * 2**20
+"""Bytes of fp32 logits the loss may hold at once; above it, chunks are recomputed in the backward pass."""
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Positions per loss chunk: at most LOSS_CHUNK_TOKENS, and few enough that a chunk's fp32 logits stay
+    within a quarter of LOSS_LOGITS_BUDGET (a 128K vocabulary gets 128-token chunks)."""
+    return max(16, min(LOSS_CHUNK_TOKENS, LOSS_LOGITS_BUDGET // 4 // (4 * vocab_size)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,10 +156,12 @@ def causal_lm_loss_sum(
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over positions whose target label is not -100, and their count.
 
-    Only hidden states of trained positions reach the output head, ``LOSS_CHUNK_TOKENS`` at a time, and each
-    chunk's logits are recomputed in the backward pass, so peak memory holds one chunk of logits
-    ([chunk, vocab] fp32) instead of [batch, seq, vocab]. Falls back to the model's own logits for heads that
-    post-process them.
+    Only hidden states of trained positions reach the output head (padding and masked prompts cost nothing
+    there). When their fp32 logits fit in ``LOSS_LOGITS_BUDGET`` they are computed in one go; otherwise in
+    chunks of :func:`loss_chunk_tokens` positions whose logits are recomputed in the backward pass, so peak
+    memory holds one chunk of logits instead of [batch, seq, vocab]. (Recomputing costs a second pass
+    through the head, which is why small batches skip it.) Heads that post-process logits (soft-capping,
+    scaling) go through the model's own forward.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     targets = labels[:, 1:]  # logits[t] predicts token t+1
@@ -173,9 +184,13 @@ def causal_lm_loss_sum(
     def chunk_loss(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(h_chunk).float(), y_chunk, reduction="sum")
 
+    vocab = int(getattr(base.config, "vocab_size", 0) or head.weight.shape[0])
+    if n * vocab * 4 <= LOSS_LOGITS_BUDGET:
+        return chunk_loss(h, y), n
+    chunk = loss_chunk_tokens(vocab)
     total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, n, LOSS_CHUNK_TOKENS):
-        hc, yc = h[i : i + LOSS_CHUNK_TOKENS], y[i : i + LOSS_CHUNK_TOKENS]
+    for i in range(0, n, chunk):
+        hc, yc = h[i : i + chunk], y[i : i + chunk]
         total = total + (
             recompute(chunk_loss, hc, yc, use_reentrant=False) if h.requires_grad else chunk_loss(hc, yc)
         )

@@ -60,7 +60,10 @@ def test_chunked_loss_equals_model_loss(tiny_model_dir, monkeypatch):
     model, tok = qlora(tiny_model_dir, init_lora_weights=False)
     ds = blocks(tok, [make_text(30, s) for s in range(4)], seq_len=48)
     batch = {k: torch.tensor(ds[:2][k]) for k in ("input_ids", "labels", "position_ids")}
+    monkeypatch.setattr(train_mod, "LOSS_LOGITS_BUDGET", 0)  # force the chunked, recomputed path
     monkeypatch.setattr(train_mod, "LOSS_CHUNK_TOKENS", 7)  # many chunks, one ragged
+    assert train_mod.loss_chunk_tokens(320) == 16  # never fewer than 16 positions a chunk
+    monkeypatch.setattr(train_mod, "loss_chunk_tokens", lambda vocab: 7)
     loss_sum, n = causal_lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"])
     ref = model(**batch, use_cache=False).loss  # transformers' own mean over shifted labels
     assert n == int((batch["labels"][:, 1:] != -100).sum())
