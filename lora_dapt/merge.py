@@ -251,10 +251,16 @@ def _meta_model(source: str | Path, trust_remote_code: bool) -> tuple[Any, Any]:
 _ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
 
 
-def _check_base_name(adapter: _Adapter, adapter_dir: Path, base: str, base_config: Any) -> list[str]:
-    """Compare the adapter's recorded base with the given one. Returns warnings; raises on a different model."""
+def _check_base_name(
+    adapter: _Adapter, adapter_dir: Path, base: str, base_config: Any, resolved: str | None = None
+) -> list[str]:
+    """Compare the adapter's recorded base with the given one. Returns warnings; raises on a different model.
+
+    ``resolved`` is what ``base`` loads from (for a GGUF, lora_dapt's dequantized checkpoint, which is the
+    name peft records); either name matching counts as the same model.
+    """
     recorded = adapter.config.get("base_model_name_or_path")
-    if not recorded or str(recorded) == str(base):
+    if not recorded or str(recorded) in (str(base), str(resolved)):
         return []
     rec_path = Path(str(recorded))
     if (rec_path / "config.json").is_file():
@@ -556,7 +562,7 @@ def merge_adapter(
     with tempfile.TemporaryDirectory(prefix="lora_dapt_adapter_") as tmp:
         adapter = read_adapter(adapter_dir, staging_dir=tmp)
         base_config, meta = _meta_model(source, trust_remote_code)
-        notes = _check_base_name(adapter, adapter_dir, str(base), base_config)
+        notes = _check_base_name(adapter, adapter_dir, str(base), base_config, str(source))
         new_vocab = _check_shapes(adapter, adapter_dir, str(base), meta)
         need = _estimate_bytes(meta, torch_dtype, new_vocab)
         big = need > 2**30
