@@ -24,6 +24,7 @@ examples:
   lora-dapt report runs/demo                    # report.md + plots for a run directory
   lora-dapt merge runs/demo --dtype bfloat16    # verified 16-bit merged model
   lora-dapt sft config.yaml                     # instruction tuning on the DAPT run (sft: section)
+  lora-dapt plan llama-3-8b --gpu-memory 12GB   # settings that fit an 8B QLoRA run in 12 GB
   lora-dapt config                              # every config key with its default and meaning
 """
 
@@ -79,6 +80,20 @@ def cmd_sft(args: argparse.Namespace) -> int:
         from .evaluate import format_forgetting
 
         print(format_forgetting(result.forgetting))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .memory import plan_command
+
+    return plan_command(args)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import quickstart
+
+    result = quickstart(args.output, steps=args.steps, merge=not args.no_merge)
+    print(result.table())
     return 0
 
 
@@ -161,12 +176,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "quickstart": (cmd_quickstart, "adapt SmolLM2-135M to Python's docs on this machine: train, eval, merge"),
     "train": (cmd_train, "continued pre-training from a YAML config"),
     "sft": (cmd_sft, "instruction tuning (SFT) on a DAPT run, a merged model or a base model"),
     "prepare": (cmd_prepare, "read, clean, split and pack the corpus; print its statistics"),
     "config": (cmd_config, "list every config key with its default and meaning"),
     "report": (cmd_report, "write report.md and plots for a run directory"),
     "merge": (cmd_merge, "merge a run's adapter into a verified 16-bit model"),
+    "plan": (cmd_plan, "pick seq_len, batch, accumulation, checkpointing, optimizer to fit a GPU"),
     "eval": (cmd_eval, "perplexity / bits-per-byte of a run, a config's base model, or a model directory"),
 }
 
@@ -208,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
                 "--tolerance", type=float, default=None, help="allowed relative |logit| difference"
             )
             p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+        if name == "plan":
+            from .memory import add_plan_arguments
+
+            add_plan_arguments(p)
+        if name == "quickstart":
+            p.add_argument(
+                "--output", default="runs/quickstart", help="run directory (default runs/quickstart)"
+            )
+            p.add_argument(
+                "--steps", type=int, default=None, help="optimizer steps (default 24, ~5 min on 2 cores)"
+            )
+            p.add_argument("--no-merge", action="store_true", help="skip the verified merge at the end")
         if name == "eval":
             p.add_argument("target", help="run directory, YAML config, model directory or .gguf file")
             p.add_argument("--texts", nargs="+", default=None, help="domain text files/dirs/globs to score")
