@@ -284,7 +284,9 @@ def clean_text(text: str, normalize: bool = True) -> str:
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CTRL.sub("", text)
-    text = _TRAILING.sub("", text)
+    # the regex tries every run of spaces (all indentation, in code); most texts have no trailing ones at all
+    if " \n" in text or "\t\n" in text:
+        text = _TRAILING.sub("", text)
     return text.strip()
 
 
@@ -912,6 +914,11 @@ def _as_list(sources: Any) -> list[Any]:
     return list(sources)
 
 
+def _short(sources: Sequence[Any]) -> str:
+    names = [str(s) if isinstance(s, (str, os.PathLike)) else type(s).__name__ for s in sources[:3]]
+    return ", ".join(names) + (f" (+{len(sources) - 3} more)" if len(sources) > 3 else "")
+
+
 def _problem_text(stats: CorpusStats) -> str:
     parts = [f"{stats.files_read} files read", f"{stats.documents_read} documents"]
     parts += [f"{n} {_DROPS.get(k, k)}" for k, n in stats.dropped.items() if n]
@@ -1068,6 +1075,12 @@ def _build(
     for k, n in stats.problems.items():
         log.warning("%d %s, e.g. %s", n, _PROBLEMS.get(k, k), ", ".join(stats.examples.get(k, [])[:3]))
     if len(train_docs) == 0:
+        if stats.files_read == 0 and stats.documents_read == 0 and not stats.problems.get("bad_rows"):
+            raise DataError(
+                f"no training documents: the sources {_short(src)} matched no readable file or row "
+                f"({_problem_text(stats)}). Check the paths and globs (directories are searched recursively "
+                "for .txt .md .rst .jsonl .json .parquet .csv)"
+            )
         raise DataError(
             f"no training documents left after cleaning: {_problem_text(stats)}. Check the sources and "
             "text_field, or relax min_chars / dedupe"

@@ -16,7 +16,7 @@
   with checkpointing only each layer's input survives, plus one layer recomputed at a time. Attention is
   counted for memory-efficient kernels (flash / SDPA without a materialised ``T x T`` matrix).
 * ``logits``: the loss. lora_dapt's chunked loss holds ``[chunk, vocab]`` fp32 logits at a time
-  (``train.LOSS_CHUNK_TOKENS``); a plain ``model(..., labels=...)`` loss holds ``[batch, seq, vocab]``.
+  (``train.loss_chunk_tokens``); a plain ``model(..., labels=...)`` loss holds ``[batch, seq, vocab]``.
 * ``overhead``: on CUDA the context and cuBLAS workspaces (not seen by ``torch.cuda.max_memory_allocated``
   but taken from the card) plus allocator fragmentation.
 
@@ -457,7 +457,8 @@ def estimate_memory(
         upcast_non_quantized: non-quantized parameters in fp32 (as peft's ``prepare_model_for_kbit_training``
             leaves them); None = what ``apply_lora`` does (keeps them in the compute dtype).
         loss: 'chunked' (lora_dapt's loss) or 'full' (``model(..., labels=...)``: [batch, seq, vocab] logits).
-        loss_chunk_tokens: chunk of the chunked loss (default ``train.LOSS_CHUNK_TOKENS``).
+        loss_chunk_tokens: positions per chunk of the chunked loss (default: what ``train`` does, all
+            positions while their fp32 logits fit ``LOSS_LOGITS_BUDGET``, else ``loss_chunk_tokens(vocab)``).
 
     Returns:
         A :class:`MemoryEstimate`; ``.total`` in bytes, ``.table()`` to print.
@@ -539,7 +540,11 @@ def estimate_memory(
     v = shape.vocab_size
     if loss == "chunked":
         if loss_chunk_tokens is None:
-            from .train import LOSS_CHUNK_TOKENS as loss_chunk_tokens
+            from .train import LOSS_LOGITS_BUDGET
+            from .train import loss_chunk_tokens as chunk_for
+
+            # the loss takes all positions at once while their fp32 logits fit the budget, else chunks
+            loss_chunk_tokens = tokens if tokens * v * 4 <= LOSS_LOGITS_BUDGET else chunk_for(v)
         n = min(tokens, loss_chunk_tokens)
         # one chunk in the backward pass: logits (compute dtype), their fp32 copy (a no-op in fp32), the saved
         # log-softmax and the fp32 gradient
