@@ -140,3 +140,14 @@ def test_forgetting_budget_stops_the_run(tiny_model_dir, tmp_path):
     assert result.steps < 40
     before, after = result.before["general"]["ppl"], result.after["general"]["ppl"]
     assert after > before * 1.05
+
+
+def test_sft_command_reports_config_problems(tmp_path, capsys):
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump({"train": {"output_dir": str(tmp_path / "nothing")}, "sft": {"data": []}}))
+    assert main(["sft", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sft.data: empty" in err and "is not a finished DAPT run" in err
+    path.write_text(yaml.safe_dump({"model": {"quantization": "nf4"}}))
+    assert main(["sft", str(path)]) == 2
+    assert "sft: missing section" in capsys.readouterr().err
