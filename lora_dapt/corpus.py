@@ -758,8 +758,14 @@ def _tokenize_batch(
     return {"input_ids": out_ids, "length": out_len, "doc": out_doc}
 
 
-def _pack_batch(batch: dict[str, list[Any]], seq_len: int, pad_id: int) -> dict[str, Any]:
-    ids, pos, lab, _ = packing._pack_arrays(batch["input_ids"], seq_len, pad_id)
+def _pack_batch(batch: Any, seq_len: int, pad_id: int) -> dict[str, Any]:
+    # The batch is an Arrow table: the pieces are cut out of the flat token buffer as numpy views, without
+    # turning millions of token ids into Python ints and back.
+    col = batch.column("input_ids").combine_chunks()
+    flat = col.values.to_numpy(zero_copy_only=False)
+    offsets = col.offsets.to_numpy()
+    pieces = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    ids, pos, lab, _ = packing._pack_arrays(pieces, seq_len, pad_id)
     return {
         "input_ids": ids.astype(np.int32),
         "position_ids": pos.astype(np.int32),
@@ -797,16 +803,20 @@ def _tokenize(
 
 def _pack(pieces: datasets.Dataset, seq_len: int, pad_id: int, path: Path, desc: str) -> datasets.Dataset:
     # one process: packing is numpy work on small batches, and one output file keeps the cache simple
-    return pieces.map(
-        _pack_batch,
-        batched=True,
-        batch_size=_PACK_BATCH,
-        remove_columns=pieces.column_names,
-        fn_kwargs={"seq_len": seq_len, "pad_id": pad_id},
-        features=_block_features(),
-        cache_file_name=str(path),
-        new_fingerprint=_sha(str(path))[:16],
-        desc=desc,
+    return (
+        pieces.with_format("arrow")
+        .map(
+            _pack_batch,
+            batched=True,
+            batch_size=_PACK_BATCH,
+            remove_columns=pieces.column_names,
+            fn_kwargs={"seq_len": seq_len, "pad_id": pad_id},
+            features=_block_features(),
+            cache_file_name=str(path),
+            new_fingerprint=_sha(str(path))[:16],
+            desc=desc,
+        )
+        .with_format(None)
     )
 
 
