@@ -75,6 +75,8 @@ class TrainResult:
     forgetting: dict[str, Any] = field(default_factory=dict)
     stopped: str | None = None
     """None when the run finished; else why it stopped early ('interrupted', 'forgetting budget ...')."""
+    skipped_steps: int = 0
+    """Updates skipped for a non-finite loss or gradient (train.on_nonfinite='skip')."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -784,6 +786,7 @@ def continued_pretrain(
         after=after,
         forgetting=ev.forgetting_report(before, after) if before and after else {},
         stopped=state.get("stopped"),
+        skipped_steps=state.get("skipped_steps", 0),
     )
     _write_json(run_dir / "summary.json", {**result.to_dict(), "data_stats": _stats_dict(corpus)})
     if state.get("stopped", "").startswith("interrupted"):

@@ -200,7 +200,7 @@ def test_nan_skip_mode_skips_the_update(tiny_model_dir, tmp_path, caplog):
     )
     with caplog.at_level("WARNING", logger="lora_dapt"):
         result = continued_pretrain(model, tok, _blocks(tok), cfg, eval_config=NO_EVAL)
-    assert result.steps == 5
+    assert result.steps == 5 and result.skipped_steps == 1
     assert "step 3: non-finite loss, update skipped" in caplog.text
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
