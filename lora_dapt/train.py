@@ -639,8 +639,18 @@ def continued_pretrain(
         step = json.loads((resume_ckpt / "trainer_state.json").read_text())["global_step"]
         _truncate_metrics(metrics_path, step)
         log.info("resuming from %s (step %d)", resume_ckpt, step)
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
+    else:  # a fresh run in an old directory: its log and checkpoints would mix with the new run's
+        old = checkpoint_dirs(run_dir)
+        if old or metrics_path.exists():
+            log.warning(
+                "starting a fresh run in %s: replacing the previous run's metrics log and %d checkpoint(s) "
+                "(set train.resume_from=latest to continue it instead)",
+                run_dir,
+                len(old),
+            )
+        for ckpt in old:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        metrics_path.unlink(missing_ok=True)
     _save_run_files(run_dir, model, tokenizer, cfg, eval_cfg, run_config, corpus)
 
     total_steps = total_optimizer_steps(len(train_ds), cfg, seq_len)

@@ -242,3 +242,18 @@ def test_8bit_optimizer_on_cpu_is_refused(tiny_model_dir, tmp_path):
             TrainConfig(output_dir=str(tmp_path), optimizer="paged_adamw_8bit"),
             eval_config=NO_EVAL,
         )
+
+
+def test_fresh_run_in_old_directory_replaces_old_checkpoints(tiny_model_dir, tmp_path, caplog):
+    model, tok = qlora(tiny_model_dir)
+    ds = blocks(tok, [make_text(20, s) for s in range(8)])
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=4, save_every=2, gradient_accumulation_steps=1)
+    continued_pretrain(model, tok, ds, cfg, eval_config=NO_EVAL)
+    assert (tmp_path / "checkpoints" / "checkpoint-4").is_dir()
+    model, tok = qlora(tiny_model_dir)
+    with caplog.at_level("WARNING", logger="lora_dapt"):
+        continued_pretrain(model, tok, ds, cfg.replace(max_steps=2), eval_config=NO_EVAL)
+    assert "replacing the previous run's metrics log and 2 checkpoint(s)" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
