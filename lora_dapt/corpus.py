@@ -35,6 +35,7 @@ import csv
 import dataclasses
 import glob as globlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 from . import packing
 from .config import DataConfig
@@ -735,27 +737,51 @@ def _tokenize_batch(
     seq_len: int,
     bos: int | None,
     eos: int | None,
-) -> dict[str, list[Any]]:
+) -> pa.Table:
     """Documents -> pieces of at most seq_len tokens, special tokens added by hand so counts are exact."""
     if getattr(tokenizer, "is_fast", False):
         encs = tokenizer.backend_tokenizer.encode_batch_fast(batch["text"], add_special_tokens=False)
         ids_list = [e.ids for e in encs]
     else:
         ids_list = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-    out_ids: list[list[int]] = []
-    out_len: list[int] = []
-    out_doc: list[int] = []
-    for ids, part, last, d in zip(ids_list, batch["part"], batch["last"], idx, strict=True):
-        if bos is not None and part == 0:
-            ids = [bos] + ids
-        if eos is not None and last:
-            ids = ids + [eos]
-        for s in range(0, len(ids), seq_len):
-            piece = ids[s : s + seq_len]
-            out_ids.append(piece)
-            out_len.append(len(piece))
-            out_doc.append(d)
-    return {"input_ids": out_ids, "length": out_len, "doc": out_doc}
+    # Build the Arrow columns from one flat numpy buffer: converting millions of Python ints list by list
+    # into Arrow was ~10% of prepare_corpus.
+    lengths = [len(ids) for ids in ids_list]
+    flat = np.fromiter(itertools.chain.from_iterable(ids_list), dtype=np.int32, count=sum(lengths))
+    doc_lens = np.asarray(lengths, dtype=np.int64)
+    first = np.asarray([bos is not None and part == 0 for part in batch["part"]])
+    final = np.asarray([eos is not None and bool(last) for last in batch["last"]])
+    doc_lens = doc_lens + first + final
+    total = int(doc_lens.sum())
+    out = np.empty(total, dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(doc_lens)[:-1]]).astype(np.int64)
+    src = 0
+    for k, n in enumerate(lengths):
+        o = starts[k]
+        if first[k]:
+            out[o] = bos
+            o += 1
+        out[o : o + n] = flat[src : src + n]
+        src += n
+        if final[k]:
+            out[o + n] = eos
+    # cut every document into pieces of at most seq_len tokens
+    piece_lens, piece_docs = [], []
+    for k, n in enumerate(doc_lens.tolist()):
+        for s in range(0, n, seq_len):
+            piece_lens.append(min(seq_len, n - s))
+            piece_docs.append(idx[k])
+    # documents lie in order in `out`, so consecutive pieces tile it and their lengths give the offsets
+    plen = np.asarray(piece_lens, dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(plen)]).astype(np.int32)
+    input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(out))
+    return pa.table(
+        {
+            "input_ids": input_ids,
+            "length": pa.array(plen, type=pa.int32()),
+            "doc": pa.array(np.asarray(piece_docs, dtype=np.int64)),
+        }
+    )
 
 
 def _pack_batch(batch: Any, seq_len: int, pad_id: int) -> dict[str, Any]:
