@@ -15,6 +15,7 @@ YAML is read with ``yaml.safe_load`` only (no Python objects from strangers' fil
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -151,11 +152,17 @@ class _Section:
     _section = ""  # name of this section inside RunConfig, used in error messages
 
     def __post_init__(self) -> None:
-        problems = self._type_problems()
-        try:
-            problems += self.problems()
-        except TypeError:  # a value check met a value of the wrong type, already reported above
-            pass
+        problems, wrong = self._type_problems()
+        checked = self
+        if wrong:
+            # Value checks assume the declared types: run them on a copy whose wrongly typed fields (already
+            # reported) hold their defaults, so every other field's value problems are still listed.
+            checked = copy.copy(self)
+            for f in dataclasses.fields(self):
+                if f.name in wrong:
+                    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                    object.__setattr__(checked, f.name, default)
+        problems += checked.problems()
         if problems:
             raise ConfigError(problems)
 
@@ -163,8 +170,9 @@ class _Section:
     def _key(self, name: str) -> str:
         return f"{self._section}.{name}" if self._section else name
 
-    def _type_problems(self) -> list[str]:
-        out = []
+    def _type_problems(self) -> tuple[list[str], set[str]]:
+        """Coerce every field to its declared type; (problem lines, names of the fields that could not be)."""
+        out, wrong = [], set()
         hints = _hints(type(self))
         for f in dataclasses.fields(self):
             if f.name.startswith("_"):
@@ -175,7 +183,8 @@ class _Section:
                 object.__setattr__(self, f.name, coerced)
             else:
                 out.append(f"{self._key(f.name)} = {value!r}: expected {_type_name(hints[f.name])}")
-        return out
+                wrong.add(f.name)
+        return out, wrong
 
     def problems(self) -> list[str]:
         """Value checks beyond types; each subclass lists its own. Returns readable problem lines."""

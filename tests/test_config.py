@@ -127,3 +127,15 @@ def test_describe_config_documents_every_field():
         assert section in text
     assert "learning_rate: 0.0002" in text
     assert "# LoRA rank" in text
+
+
+def test_wrong_type_does_not_hide_other_problems_or_crash_value_checks():
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(learning_rate="abc", max_steps=3, warmup_steps=5)
+    assert err.value.problems == [
+        "train.learning_rate = 'abc': expected float",
+        "train.warmup_steps = 5: more than max_steps (3); use fewer warmup steps or more max_steps",
+    ]
+    # found by the fuzz test: a value check (.strip() on a string field) met a bool
+    with pytest.raises(ConfigError, match=r"sft.model_or_run = False: expected str \| null"):
+        RunConfig.from_dict({"sft": {"model_or_run": False}})
