@@ -398,6 +398,36 @@ def keep_4bit_trainable(model: Any) -> int:
     return switched
 
 
+def prepare_for_training(model: Any, *, gradient_checkpointing: bool = True) -> Any:
+    """Get a (quantized or 16-bit) base model ready for an adapter to train on it; returns the model.
+
+    What peft's ``prepare_model_for_kbit_training`` does (freeze the base; with non-reentrant checkpointing
+    the inputs need no grad hook) MINUS its upcast of every 16-bit parameter to fp32: for Llama-3-8B that
+    upcast alone adds 4.2 GB (embeddings and head) to a 5.5 GB QLoRA model, and frozen bf16 weights are what
+    every other stack trains against. Also keeps 4-bit layers trainable on the CPU (:func:`keep_4bit_trainable`)
+    and turns the KV cache off: packed blocks keep documents apart through position_ids, which transformers
+    honours only without a cache (generation turns it back on per call).
+    """
+    keep_4bit_trainable(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    elif hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = False
+    return model
+
+
+def _trainable_to_fp32(model: Any) -> None:
+    """AdamW on 16-bit weights loses small updates: keep every trainable tensor (LoRA, and the embedding/head
+    copies of train_embeddings) in fp32. Tied copies share one Parameter, so they stay tied."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+
+
 def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any) -> Any:
     """Attach a LoRA adapter (peft) to ``model`` and return the ``PeftModel``.
 
@@ -428,18 +458,7 @@ def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any
                 f"its linear layers are: {', '.join(available)} (or use 'all-linear')"
             )
 
-    keep_4bit_trainable(model)
-    # What peft's prepare_model_for_kbit_training does (freeze the base; with non-reentrant checkpointing
-    # the inputs need no grad hook) MINUS its upcast of every 16-bit parameter to fp32: for Llama-3-8B that
-    # upcast alone adds 4.2 GB (embeddings and head) to a 5.5 GB QLoRA model, and frozen bf16 weights are
-    # what every other stack trains against. Trainable parameters are made fp32 below.
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    elif hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+    prepare_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing)
 
     modules_to_save = None
     tie = False
@@ -462,15 +481,8 @@ def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any
         ensure_weight_tying=tie,
         init_lora_weights=cfg.init_lora_weights,
     )
-    # Packed blocks keep documents apart through position_ids, which transformers honours only without a KV
-    # cache; generation turns the cache back on per call.
-    model.config.use_cache = False
     peft_model = get_peft_model(model, lora_cfg)
-    # AdamW on 16-bit weights loses small updates: keep every trainable tensor (LoRA, and the embedding/head
-    # copies of train_embeddings) in fp32. Tied copies share one Parameter, so they stay tied.
-    for p in peft_model.parameters():
-        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
+    _trainable_to_fp32(peft_model)
     trainable, total = count_parameters(peft_model)
     log.info(
         "LoRA r=%d alpha=%g on %s%s: %s trainable of %s parameters (%.3f%%)",
@@ -529,7 +541,7 @@ def load_adapter(model: Any, adapter_dir: str | Path, *, is_trainable: bool = Fa
     except ValueError as e:
         raise ModelLoadError(f"{adapter_dir}/adapter_config.json is not valid JSON: {e}") from None
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()
         detail = next(
@@ -540,3 +552,6 @@ def load_adapter(model: Any, adapter_dir: str | Path, *, is_trainable: bool = Fa
             f"{getattr(model.config, '_name_or_path', type(model).__name__)!r}: {detail}. Load the base model "
             "the adapter was trained on."
         ) from None
+    if is_trainable:
+        _trainable_to_fp32(peft_model)
+    return peft_model

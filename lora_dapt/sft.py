@@ -750,23 +750,6 @@ def _run_merge_config(run_dir: Path) -> MergeConfig:
     return MergeConfig.from_dict(section or {}).replace(output_dir=None)
 
 
-def _prepare_for_training(model: Any, gradient_checkpointing: bool) -> Any:
-    """What apply_lora does before attaching an adapter, for a saved adapter that is loaded instead."""
-    from peft import prepare_model_for_kbit_training
-
-    kw = {"use_reentrant": False}
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        return prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=kw
-        )
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        model.enable_input_require_grads()
-    elif hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
-    return model
-
-
 def _load_model(
     src: _Source,
     stack: str,
@@ -778,7 +761,7 @@ def _load_model(
     """(LoRA model ready to train, the base it sits on)."""
     from transformers import set_seed
 
-    from .model import apply_lora, load_adapter, load_base_model
+    from .model import apply_lora, load_adapter, load_base_model, prepare_for_training
 
     load_kw = {
         "double_quant": model_cfg.double_quant,
@@ -792,7 +775,7 @@ def _load_model(
         model, _ = load_base_model(
             src.base, src.quantization, src.compute_dtype, gguf_file=src.gguf_file, **load_kw
         )
-        model = _prepare_for_training(model, adapter_cfg.gradient_checkpointing)
+        model = prepare_for_training(model, gradient_checkpointing=adapter_cfg.gradient_checkpointing)
         model = load_adapter(model, Path(src.path) / "adapter", is_trainable=True)
         return model, src.base
     if src.kind == "run":  # stack == "merge"
