@@ -45,17 +45,22 @@ def _load_config(args: argparse.Namespace, *, check: bool = True):
     return RunConfig.from_yaml(args.config, overrides=args.set, check=check)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .pipeline import run
-
-    cfg = _load_config(args)
-    result = run(cfg)
+def _print_result(result) -> int:
+    """A finished run's summary (without the per-split details) and its before -> after table."""
     print(json.dumps({k: v for k, v in result.to_dict().items() if k not in ("before", "after")}, indent=2))
     if result.forgetting:
         from .evaluate import format_forgetting
 
         print(format_forgetting(result.forgetting))
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .pipeline import run
+
+    cfg = _load_config(args)
+    result = run(cfg)
+    return _print_result(result)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -75,12 +80,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     # check=False: an SFT-only file has no data.sources; sft_from_config checks what it uses
     result = sft_from_config(RunConfig.from_yaml(args.config, overrides=args.set, check=False))
-    print(json.dumps({k: v for k, v in result.to_dict().items() if k not in ("before", "after")}, indent=2))
-    if result.forgetting:
-        from .evaluate import format_forgetting
-
-        print(format_forgetting(result.forgetting))
-    return 0
+    return _print_result(result)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

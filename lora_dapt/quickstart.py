@@ -182,6 +182,7 @@ def quickstart(
     import json
 
     from .merge import merge_run
+    from .model import resolve_device
     from .pipeline import run
 
     t0 = time.time()
@@ -195,7 +196,11 @@ def quickstart(
     result = run(cfg)
     merged = None
     if merge and result.stopped is None:
-        merged = merge_run(result.output_dir, dtype="float32" if _cpu() else "bfloat16", overwrite=True)
+        merged = merge_run(
+            result.output_dir,
+            dtype="float32" if resolve_device().type == "cpu" else "bfloat16",
+            overwrite=True,
+        )
     run_dir = Path(result.output_dir)
     report = run_dir / "report.md"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -218,9 +223,3 @@ def _fast_dtype() -> str:
         return "auto"
     supported = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     return "bfloat16" if supported else "float32"
-
-
-def _cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()

@@ -552,7 +552,7 @@ def _precision_flags(model: Any, cfg: TrainConfig) -> dict[str, bool]:
     on_cuda = next(model.parameters()).device.type == "cuda"
     if precision == "auto":
         dtype = getattr(model, "dtype", torch.float32)
-        compute = getattr(getattr(model, "lora_dapt_source", None), "get", lambda *_: None)("compute_dtype")
+        compute = (getattr(model, "lora_dapt_source", None) or {}).get("compute_dtype")
         if not on_cuda:
             precision = "fp32"
         elif compute == "bfloat16" or dtype == torch.bfloat16:
@@ -626,6 +626,11 @@ def continued_pretrain(
             f"training blocks lack column(s) {sorted(missing)}; build them with lora_dapt.prepare_corpus"
         )
     seq_len = len(train_ds[0]["input_ids"])
+    use_cpu = next(model.parameters()).device.type != "cuda"
+    if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit") and use_cpu:
+        raise TrainingError(
+            f"train.optimizer = {cfg.optimizer!r} needs a CUDA GPU (bitsandbytes 8-bit optimizers); use 'adamw' on the CPU"
+        )
     from .model import keep_4bit_trainable
 
     keep_4bit_trainable(model)
@@ -635,10 +640,10 @@ def continued_pretrain(
     # -- resume or start -------------------------------------------------------------------------------
     resume_ckpt = find_resume_checkpoint(run_dir, cfg.resume_from) if cfg.resume_from else None
     metrics_path = run_dir / "metrics.jsonl"
+    resume_state = json.loads((resume_ckpt / "trainer_state.json").read_text()) if resume_ckpt else {}
     if resume_ckpt is not None:
-        step = json.loads((resume_ckpt / "trainer_state.json").read_text())["global_step"]
-        _truncate_metrics(metrics_path, step)
-        log.info("resuming from %s (step %d)", resume_ckpt, step)
+        _truncate_metrics(metrics_path, resume_state["global_step"])
+        log.info("resuming from %s (step %d)", resume_ckpt, resume_state["global_step"])
     else:  # a fresh run in an old directory: its log and checkpoints would mix with the new run's
         old = checkpoint_dirs(run_dir)
         if old or metrics_path.exists():
@@ -675,11 +680,6 @@ def continued_pretrain(
             _write_json(before_path, before)
 
     # -- fit -------------------------------------------------------------------------------------------
-    use_cpu = next(model.parameters()).device.type != "cuda"
-    if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit") and use_cpu:
-        raise TrainingError(
-            f"train.optimizer = {cfg.optimizer!r} needs a CUDA GPU (bitsandbytes 8-bit optimizers); use 'adamw' on the CPU"
-        )
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
@@ -747,7 +747,6 @@ def continued_pretrain(
     own_callbacks[0].trainer = trainer
 
     t0 = time.time()
-    resume_state = json.loads((resume_ckpt / "trainer_state.json").read_text()) if resume_ckpt else {}
     trainer.session_tokens_start = resume_state.get("num_input_tokens_seen", 0)
     try:
         if resume_state.get("global_step", 0) >= total_steps:
