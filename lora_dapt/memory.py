@@ -16,7 +16,8 @@
   with checkpointing only each layer's input survives, plus one layer recomputed at a time. Attention is
   counted for memory-efficient kernels (flash / SDPA without a materialised ``T x T`` matrix).
 * ``logits``: the loss. lora_dapt's chunked loss holds ``[chunk, vocab]`` fp32 logits at a time
-  (``train.loss_chunk_tokens``); a plain ``model(..., labels=...)`` loss holds ``[batch, seq, vocab]``.
+  (``train.loss_chunk_tokens``; with a frozen head, as in LoRA, the gradient is made in the forward pass and
+  no logits are kept for the backward); a plain ``model(..., labels=...)`` loss holds ``[batch, seq, vocab]``.
 * ``overhead``: on CUDA the context and cuBLAS workspaces (not seen by ``torch.cuda.max_memory_allocated``
   but taken from the card) plus allocator fragmentation.
 
@@ -546,9 +547,15 @@ def estimate_memory(
             # the loss takes all positions at once while their fp32 logits fit the budget, else chunks
             loss_chunk_tokens = tokens if tokens * v * 4 <= LOSS_LOGITS_BUDGET else chunk_for(v)
         n = min(tokens, loss_chunk_tokens)
-        # one chunk in the backward pass: logits (compute dtype), their fp32 copy (a no-op in fp32), the saved
-        # log-softmax and the fp32 gradient
-        logits = n * v * (s + (4 if s != 4 else 0) + 4 + 4)
+        if full_ft or adapter.train_embeddings:
+            # a trained head: autograd, one chunk in the backward pass: logits (compute dtype), their fp32 copy
+            # (a no-op in fp32), the saved log-softmax and the fp32 gradient
+            logits = n * v * (s + (4 if s != 4 else 0) + 4 + 4)
+        else:
+            # a frozen head: the gradient is made in the forward pass, a chunk at a time: fp32 logits and the
+            # logsumexp temporary at once, then the softmax cast to the compute dtype; plus the stored
+            # [tokens, hidden] gradient of the hidden states
+            logits = n * v * (4 + max(4, s if s != 4 else 0)) + tokens * shape.hidden_size * s
     else:
         # [B, T, V] logits kept for the outputs, fp32 upcast, log-softmax, and the fp32 gradient
         logits = tokens * v * (s + (4 if s != 4 else 0) + 4 + 4)

@@ -12,6 +12,10 @@ How a block is laid out (``seq_len`` tokens, three int lists of that length):
   boundary. Padding is its own segment (positions 0, 1, ...), so it never joins a document.
   Caveat: transformers only does this when the model runs without a KV cache; call the model with
   ``use_cache=False`` (or set ``model.config.use_cache = False``) when training on packed blocks.
+  Models loaded by ``load_base_model`` run ``model.packed_sdpa_attention`` instead of plain ``sdpa``: it
+  splits each row at the same boundaries (cache or not) and attends one document at a time with the
+  unmasked causal kernel, so isolation costs nothing and the attention work is the sum of the squared
+  document lengths rather than the squared block length.
 * ``labels``: the token ids (or the caller's labels), with -100 at padding and at the FIRST token of every
   piece. The model shifts labels internally (logits[t] predicts labels[t+1]), so -100 at a piece start means
   a document's first token is never trained to follow the previous document. Masking is by position, never

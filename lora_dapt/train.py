@@ -5,7 +5,8 @@ the adapted model -> save. What lora_dapt adds on top of the Trainer (by subclas
 patching it):
 
 * a loss that never materialises the full ``[batch, seq, vocab]`` fp32 logits: hidden states of the trained
-  positions only go through the output head in chunks, each recomputed in the backward pass;
+  positions only go through the output head, in chunks when the logits would be large; with a frozen head
+  the gradient is computed chunk by chunk in the forward pass, so no logits are kept and none recomputed;
 * optimizer parameter groups (a separate learning rate for fully trained embeddings / head);
 * cosine / linear / constant / warmup-stable-decay schedules with a floor (``min_lr_ratio``);
 * ``metrics.jsonl`` with step, loss, lr, tokens trained and tokens/s; periodic held-out evaluation and a
@@ -153,6 +154,50 @@ def _supports_hidden_state_loss(base: Any) -> bool:
     return True
 
 
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, for a frozen output head.
+
+    The gradient w.r.t. ``hidden`` is computed in the forward pass, ``chunk`` positions at a time
+    (``softmax - one_hot`` times the head weight), and kept; the logits of a chunk are freed before the next
+    one. Autograd would instead keep every chunk's logits (or, chunked with recomputation, run the head
+    twice). Backward only scales the stored gradient. The head's weight and bias get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):  # noqa: D102
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(hidden) if need_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, hidden.shape[0], chunk):
+            y = targets[i : i + chunk]
+            logits = F.linear(hidden[i : i + chunk], weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if need_grad:
+                logits.sub_(
+                    lse[:, None]
+                ).exp_()  # softmax, in place (a fresh tensor: .float() copied or linear made it)
+                logits[torch.arange(len(y), device=y.device), y] -= 1
+                grad[i : i + chunk] = logits.to(weight.dtype) @ weight
+            del logits, lse
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None
+
+
+def _frozen_linear_head(head: Any) -> bool:
+    """A plain ``nn.Linear`` output head with no trainable tensor (not LoRA-wrapped, quantized or trained)."""
+    return (
+        type(head) is torch.nn.Linear
+        and not head.weight.requires_grad
+        and (head.bias is None or not head.bias.requires_grad)
+    )
+
+
 def causal_lm_loss_sum(
     model: Any, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int]:
@@ -160,10 +205,12 @@ def causal_lm_loss_sum(
 
     Only hidden states of trained positions reach the output head (padding and masked prompts cost nothing
     there). When their fp32 logits fit in ``LOSS_LOGITS_BUDGET`` they are computed in one go; otherwise in
-    chunks of :func:`loss_chunk_tokens` positions whose logits are recomputed in the backward pass, so peak
-    memory holds one chunk of logits instead of [batch, seq, vocab]. (Recomputing costs a second pass
-    through the head, which is why small batches skip it.) Heads that post-process logits (soft-capping,
-    scaling) go through the model's own forward.
+    chunks of :func:`loss_chunk_tokens` positions, so peak memory holds one chunk of logits instead of
+    [batch, seq, vocab]. A frozen head (the LoRA case) gets the gradient w.r.t. the hidden states in the
+    forward pass, chunk by chunk, and keeps no logits at all; a trainable or wrapped head keeps autograd's
+    own path, with each chunk recomputed in the backward pass (a second pass through the head, which is why
+    small batches skip chunking). Heads that post-process logits (soft-capping, scaling) go through the
+    model's own forward.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     targets = labels[:, 1:]  # logits[t] predicts token t+1
@@ -187,6 +234,9 @@ def causal_lm_loss_sum(
         return F.cross_entropy(head(h_chunk).float(), y_chunk, reduction="sum")
 
     vocab = int(getattr(base.config, "vocab_size", 0) or head.weight.shape[0])
+    if _frozen_linear_head(head):
+        chunk = n if n * vocab * 4 <= LOSS_LOGITS_BUDGET else loss_chunk_tokens(vocab)
+        return _FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, y, chunk), n
     if n * vocab * 4 <= LOSS_LOGITS_BUDGET:
         return chunk_loss(h, y), n
     chunk = loss_chunk_tokens(vocab)

@@ -75,8 +75,16 @@ def test_chunked_loss_does_not_scale_with_sequence_length():
     chunked = [estimate_memory("llama-3-8b", seq_len=t, **common).logits for t in (1024, 4096)]
     # [batch, seq, vocab]: bf16 logits, their fp32 copy, log-softmax and gradient (14 bytes per entry)
     assert full[1] - full[0] == pytest.approx(2 * (4096 - 1024) * 128256 * 14, rel=0.01)
-    assert chunked[1] == chunked[0]  # one [chunk, vocab] slice, whatever the length
+    # one [chunk, vocab] slice whatever the length; only the hidden-state gradient (bf16) grows, by hidden size
+    assert chunked[1] - chunked[0] == 2 * (4096 - 1024) * 4096 * 2
     assert chunked[1] < full[1] / 4
+    trained_head = [
+        estimate_memory(
+            "llama-3-8b", seq_len=t, **{**common, "adapter": AdapterConfig(train_embeddings=True)}
+        )
+        for t in (1024, 4096)
+    ]
+    assert trained_head[1].logits == trained_head[0].logits  # autograd's chunks, recomputed: no [T, H] term
 
 
 def test_checkpointing_and_8bit_optimizer_save_memory():

@@ -181,3 +181,113 @@ def test_foreign_repacked_model_is_refused_for_training(tiny_model_dir):
         TrainingError, match="repacked by bitsandbytes .* Load the model again with lora_dapt"
     ):
         _lora_grad(tiny_model_dir, eval_before="base", loader="transformers")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed-document attention (one causal SDPA call per document instead of a block-diagonal mask)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _packed_positions(rows: list[list[int]]) -> torch.Tensor:
+    return torch.stack([torch.cat([torch.arange(n) for n in lens]) for lens in rows])
+
+
+def _twin_models(model_dir, **load):
+    """The same weights twice: transformers' sdpa (masked) and lora_dapt's default (per-document)."""
+    ours, _ = load_base_model(model_dir, quantization=None, **load)
+    theirs, _ = load_base_model(model_dir, quantization=None, attn_implementation="sdpa", **load)
+    return ours, theirs
+
+
+def test_default_attention_is_packed_sdpa_and_not_saved(tiny_model_dir, tmp_path):
+    import json
+
+    from lora_dapt.model import PACKED_SDPA
+
+    ours, theirs = _twin_models(tiny_model_dir)
+    assert ours.config._attn_implementation == PACKED_SDPA
+    assert theirs.config._attn_implementation == "sdpa"  # an explicit choice is kept
+    ours.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert PACKED_SDPA not in json.dumps(saved)  # a saved model loads anywhere, without lora_dapt
+
+
+def test_packed_sdpa_equals_masked_sdpa_forward_and_backward(tiny_model_dir, monkeypatch):
+    import lora_dapt.model as model_mod
+
+    ours, theirs = _twin_models(tiny_model_dir)
+    calls = []
+    real = model_mod._packed_spans
+    monkeypatch.setattr(model_mod, "_packed_spans", lambda *a: calls.append(r := real(*a)) or r)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (2, 40))
+    pos = _packed_positions([[9, 1, 17, 13], [40]])  # a 1-token document; a row with one document
+    grads = []
+    for m in (ours, theirs):
+        m.train()
+        # transformers builds the packing mask only without a KV cache; lora_dapt's attention splits anyway
+        out = m(input_ids=ids, position_ids=pos, labels=ids, use_cache=m is ours)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        if m is ours:
+            logits = out.logits.detach()
+    ref = theirs(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(input_ids=ids, position_ids=pos, use_cache=False).logits, ref)
+    leaky = theirs(input_ids=ids, position_ids=pos).logits  # with a cache, transformers' sdpa mixes documents
+    assert not torch.allclose(leaky[0, 9:], ref[0, 9:], atol=1e-4)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
+    # the per-document path ran in every layer of both forwards (with and without a mask) and found the documents
+    assert len(calls) == 2 * 2 and all(c == [[(0, 9), (9, 10), (10, 27), (27, 40)], [(0, 40)]] for c in calls)
+
+
+def test_packed_sdpa_leaves_other_masks_to_transformers(tiny_model_dir, monkeypatch):
+    import lora_dapt.model as model_mod
+
+    ours, theirs = _twin_models(tiny_model_dir)
+    ours.eval(), theirs.eval()
+    spans = []
+    real = model_mod._packed_spans
+    monkeypatch.setattr(model_mod, "_packed_spans", lambda *a: spans.append(r := real(*a)) or r)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (2, 24))
+    pad = torch.ones(2, 24, dtype=torch.long)
+    pad[1, :5] = 0  # left padding: a padding mask, not a packing mask
+    pos = (pad.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=pad, position_ids=pos).logits
+        b = theirs(input_ids=ids, attention_mask=pad, position_ids=pos).logits
+        torch.testing.assert_close(a[pad.bool()], b[pad.bool()], atol=1e-5, rtol=1e-5)
+        assert spans and all(s is None for s in spans)  # looked, saw a mask it does not own, fell back
+        plain = ours(input_ids=ids).logits  # no packing: the plain causal kernel
+        torch.testing.assert_close(plain, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        # generation with a KV cache runs through transformers' path too
+        tok_out = ours.generate(ids[:1, :6], max_new_tokens=4, do_sample=False)
+        ref_out = theirs.generate(ids[:1, :6], max_new_tokens=4, do_sample=False)
+        assert torch.equal(tok_out, ref_out)
+
+
+def test_packed_sdpa_keeps_a_sliding_window(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from lora_dapt.model import use_packed_sdpa
+
+    cfg = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    theirs = MistralForCausalLM(MistralConfig(**cfg)).eval()
+    ours = MistralForCausalLM(MistralConfig(**cfg)).eval()
+    ours.load_state_dict(theirs.state_dict())
+    assert use_packed_sdpa(ours)
+    ids = torch.randint(0, 64, (1, 20))
+    pos = _packed_positions([[12, 8]])
+    with torch.no_grad():
+        # documents longer than the window: the mask is not plain block-causal, so transformers' mask is used
+        torch.testing.assert_close(
+            ours(input_ids=ids, position_ids=pos, use_cache=False).logits,
+            theirs(input_ids=ids, position_ids=pos, use_cache=False).logits,
+        )

@@ -257,3 +257,52 @@ def test_fresh_run_in_old_directory_replaces_old_checkpoints(tiny_model_dir, tmp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_frozen_head_loss_gradients_equal_autograd(tiny_model_dir, monkeypatch, chunked):
+    """The frozen-head loss computes d(loss)/d(hidden) in the forward pass; it must equal autograd's."""
+    import lora_dapt.train as train_mod
+
+    model, tok = qlora(tiny_model_dir, init_lora_weights=False)
+    ds = blocks(tok, [make_text(30, s) for s in range(4)], seq_len=48)
+    batch = {k: torch.tensor(ds[:2][k]) for k in ("input_ids", "labels", "position_ids")}
+    if chunked:
+        monkeypatch.setattr(train_mod, "LOSS_LOGITS_BUDGET", 0)
+        monkeypatch.setattr(train_mod, "loss_chunk_tokens", lambda vocab: 7)
+    used = []
+    real = train_mod._FrozenHeadCrossEntropy.apply
+    monkeypatch.setattr(train_mod._FrozenHeadCrossEntropy, "apply", lambda *a: used.append(a[-1]) or real(*a))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss_sum, n = causal_lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+        (
+            loss_sum / n * 3.0
+        ).backward()  # a scale, as gradient accumulation gives, reaches the stored gradient
+        return loss_sum.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    fused_loss, fused = loss_and_grads()
+    assert used == [7 if chunked else int((batch["labels"][:, 1:] != -100).sum())]
+    monkeypatch.setattr(train_mod, "_frozen_linear_head", lambda head: False)  # autograd's own path
+    ref_loss, ref = loss_and_grads()
+    assert len(used) == 1
+    assert fused_loss == pytest.approx(ref_loss, rel=1e-6)
+    assert fused.keys() == ref.keys() and len(ref) > 4
+    for k in ref:
+        assert ref[k].abs().max() > 0, k
+        torch.testing.assert_close(fused[k], ref[k], atol=1e-6, rtol=1e-5)
+
+
+def test_trainable_head_takes_the_autograd_loss(tiny_model_dir):
+    from lora_dapt.train import _frozen_linear_head
+
+    model, _ = qlora(tiny_model_dir)
+    head = model.get_base_model().get_output_embeddings()
+    assert _frozen_linear_head(head)
+    head.weight.requires_grad_(True)
+    assert not _frozen_linear_head(head)
+    ids = torch.randint(3, 300, (1, 12))
+    loss_sum, n = causal_lm_loss_sum(model, ids, ids.clone())
+    loss_sum.backward()
+    assert n == 11 and head.weight.grad is not None and head.weight.grad.abs().max() > 0
