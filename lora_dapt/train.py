@@ -681,9 +681,11 @@ def continued_pretrain(
         raise TrainingError(
             f"train.optimizer = {cfg.optimizer!r} needs a CUDA GPU (bitsandbytes 8-bit optimizers); use 'adamw' on the CPU"
         )
-    from .model import keep_4bit_trainable
+    from .model import keep_4bit_trainable, use_cpu_dropout
 
     keep_4bit_trainable(model)
+    if use_cpu:
+        use_cpu_dropout(model)  # same dropout, a faster mask (PyTorch's was ~20% of a CPU step)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -291,3 +291,47 @@ def test_packed_sdpa_keeps_a_sliding_window(tmp_path):
             ours(input_ids=ids, position_ids=pos, use_cache=False).logits,
             theirs(input_ids=ids, position_ids=pos, use_cache=False).logits,
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU dropout for LoRA
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_dropout_keeps_the_distribution_and_the_seed():
+    from lora_dapt.model import CPUDropout
+
+    drop = CPUDropout(0.1)
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    y = drop(x)
+    kept = y != 0
+    # kept with probability 0.9 (400k draws: 5 standard deviations is 0.0024), scaled by 1 / 0.9
+    assert abs(kept.float().mean().item() - 0.9) < 0.0024
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    assert abs(y.mean().item() - 1.0) < 0.003  # the expectation is preserved
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], torch.tensor(1 / 0.9))
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)  # torch.manual_seed reproduces the mask
+    assert not torch.equal(drop(x), y)  # and the next call draws a new one
+    # rows are not copies of each other (each element has its own 32 random bits)
+    assert not torch.equal(kept[0], kept[1])
+    drop.eval()
+    assert drop(x) is x or torch.equal(drop(x), x)
+
+
+def test_training_swaps_lora_dropout_on_cpu(tiny_model_dir):
+    from lora_dapt.model import CPUDropout, use_cpu_dropout
+
+    model, _ = load_base_model(tiny_model_dir, quantization="nf4")
+    model = apply_lora(model, AdapterConfig(r=4, dropout=0.1))
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert type(q.lora_dropout["default"]) is torch.nn.Dropout
+    assert use_cpu_dropout(model) == 2 * 7  # every all-linear target of both layers
+    assert type(q.lora_dropout["default"]) is CPUDropout and q.lora_dropout["default"].p == 0.1
+    assert use_cpu_dropout(model) == 0  # idempotent
+    model.train()
+    x = torch.randint(3, 300, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    assert q.lora_B["default"].weight.grad.abs().max() > 0  # (lora_A gets none while B is zero)
