@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="about 3 MB: a smoke run")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--num-proc", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating raw / prepare_corpus timings")
     ap.add_argument("--workdir", default=None, help="where the text and caches go (default: a temp dir)")
     args = ap.parse_args()
     mb = 3.0 if args.quick else args.mb
@@ -122,27 +124,34 @@ def main() -> None:
     eos = tok.eos_token_id
     seq_len = args.seq_len
 
-    # ---- raw tokenizer (texts already in memory; the ceiling) ----
+    # ---- raw tokenizer (texts already in memory; the ceiling) vs prepare_corpus (files -> packed blocks on
+    # disk), alternated --rounds times: this machine's speed drifts, so each round gives one ratio ----
     texts = [p.read_text(encoding="utf-8") for p in sorted(text_dir.iterdir())]
-    t = time.perf_counter()
-    ids: list[list[int]] = []
-    for i in range(0, len(texts), 256):
-        ids += [
-            e.ids
-            for e in tok.backend_tokenizer.encode_batch_fast(texts[i : i + 256], add_special_tokens=False)
-        ]
-    raw_s = time.perf_counter() - t
-    raw_tokens = sum(len(x) for x in ids)
-    print(f"raw tokenizer: {raw_tokens:,} tokens in {raw_s:.1f} s ({raw_tokens / raw_s / 1e6:.2f} M tok/s)")
-
-    # ---- prepare_corpus (files -> packed blocks on disk) ----
     cfg = DataConfig(
         seq_len=seq_len, eval_fraction=0.0, cache_dir=str(work / "cache"), num_proc=args.num_proc
     )
-    t = time.perf_counter()
-    c = prepare_corpus([str(text_dir)], tok, cfg, use_cache=False)
-    prep_s = time.perf_counter() - t
+    raw_times, prep_times = [], []
+    for r in range(args.rounds):
+        t = time.perf_counter()
+        ids: list[list[int]] = []
+        for i in range(0, len(texts), 256):
+            ids += [
+                e.ids
+                for e in tok.backend_tokenizer.encode_batch_fast(texts[i : i + 256], add_special_tokens=False)
+            ]
+        raw_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        c = prepare_corpus([str(text_dir)], tok, cfg, use_cache=False)
+        prep_times.append(time.perf_counter() - t)
+        print(f"round {r + 1}: raw tokenizer {raw_times[-1]:.1f} s, prepare_corpus {prep_times[-1]:.1f} s")
+    raw_tokens = sum(len(x) for x in ids)
     s = c.stats
+    prep_tokens = s.tokens - s.special_tokens
+    ratios = [(prep_tokens / p) / (raw_tokens / q) for p, q in zip(prep_times, raw_times, strict=True)]
+    raw_s, prep_s = statistics.median(raw_times), statistics.median(prep_times)
+    print(
+        f"raw tokenizer: {raw_tokens:,} tokens, median {raw_s:.1f} s ({raw_tokens / raw_s / 1e6:.2f} M tok/s)"
+    )
     t = time.perf_counter()
     again = prepare_corpus([str(text_dir)], tok, cfg)
     again = prepare_corpus([str(text_dir)], tok, cfg)
@@ -165,13 +174,12 @@ def main() -> None:
     extra = int(np.clip(have - want, 0, None).sum())
 
     rows = []
-    prep_tokens = s.tokens - s.special_tokens
     dup_note = f" ({s.dropped['duplicate']} duplicate docs removed)" if s.dropped.get("duplicate") else ""
     rows.append(
         (
             "lora_dapt prepare_corpus",
             f"{prep_tokens / prep_s / 1e6:.2f}",
-            f"{(prep_tokens / prep_s) / (raw_tokens / raw_s):.2f}",
+            f"**{statistics.median(ratios):.2f}** ({', '.join(f'{x:.2f}' for x in ratios)})",
             f"{lost}{dup_note}" + (f", {extra} unexpected" if extra else ""),
             f"{s.padding_fraction:.2%}",
             "no (position_ids restart per document)",
@@ -233,7 +241,14 @@ def main() -> None:
     print(
         f"raw tokenizer: {raw_tokens / raw_s / 1e6:.2f} M tokens/s; prepare_corpus cached reload: {cached_s / 2:.2f} s"
     )
-    header = ("pipeline", "M tok/s", "vs raw", "tokens lost", "padding", "cross-document attention")
+    header = (
+        "pipeline",
+        "M tok/s",
+        "vs raw (median; per round)",
+        "tokens lost",
+        "padding",
+        "cross-document attention",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for r in rows:

@@ -9,7 +9,7 @@ both sides alike; the table reports the median of the per-pair ratios.
 2. Many short documents: lora_dapt's packed blocks vs padded batches (each batch padded to its longest
    document, the usual ``DataCollatorForLanguageModeling`` layout). Target >= 1.5.
 
-Both sides: the same base weights, LoRA r=16 alpha=32 dropout 0.05 on all linear layers, AdamW, lr 2e-4,
+Both sides: the same base weights, LoRA r=16 alpha=32 dropout 0.05 (``--dropout``) on all linear layers, AdamW, lr 2e-4,
 fp32 on CPU (bf16 where CUDA is present), no gradient checkpointing. Tokens/s counts targets (positions
 whose label is not -100), from the end of the first optimizer step (warm-up excluded) to the last.
 
@@ -302,7 +302,9 @@ def main() -> None:
         "--pairs", type=int, default=2, help="alternating (lora_dapt, baseline) pairs per comparison"
     )
     ap.add_argument("--only", choices=["same", "short"], default=None, help="run one comparison only")
+    ap.add_argument("--dropout", type=float, default=LORA["dropout"], help="LoRA dropout (both sides)")
     args = ap.parse_args()
+    LORA["dropout"] = args.dropout
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("lora_dapt").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -364,7 +366,8 @@ def main() -> None:
     print()
     print(
         f"{name}, seq_len {args.seq_len}, batch {args.batch} (padded: {args.padded_batch} docs), "
-        f"{args.steps} steps x {args.pairs} alternating pairs, LoRA r=16 all-linear, fp32, {os.cpu_count()} CPUs"
+        f"{args.steps} steps x {args.pairs} alternating pairs, LoRA r=16 all-linear dropout {args.dropout:g}, "
+        f"fp32, {os.cpu_count()} CPUs"
     )
     header = (
         "comparison",

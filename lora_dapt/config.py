@@ -354,7 +354,8 @@ class DataConfig(_Section):
     replay_fraction: float = 0.0
     """Fraction of training tokens that come from replay_sources, in [0, 1)."""
     num_proc: int = 1
-    """Processes used to tokenize."""
+    """Processes used to read files and to run a Python (slow) tokenizer; a fast tokenizer already spreads
+    each batch over every core (Rust) and needs none."""
     cache_dir: str | None = None
     """Where prepared data is cached (default: the datasets cache)."""
     add_bos: bool | None = None

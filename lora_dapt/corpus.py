@@ -15,7 +15,9 @@ Design choices and their trade-offs:
 * Larger than RAM: documents are streamed from disk into Arrow files (``datasets`` memory-maps them); a huge
   file or single line is read in chunks and cut at line breaks into parts of about 1M characters (BOS on the
   first part, EOS on the last). Only small per-document columns (hashes, group keys, lengths) are ever held
-  in Python. Tokenizing runs as a ``datasets`` map with ``num_proc`` processes; packing works on batches of
+  in Python. A fast tokenizer encodes one batch in a worker thread (Rust uses every core) while the
+  previous batch is cut into pieces and written; a Python tokenizer runs as a ``datasets`` map with
+  ``num_proc`` processes. Packing works on batches of
   pieces, so padding is only the slack left in the last few blocks of each batch (well under 1%).
 * Split by document: whole documents (all parts of a file) go to eval, chosen by a seeded shuffle, so no
   text is in both splits; with ``eval_sources``, training documents identical to an eval document are
@@ -730,27 +732,31 @@ def _split(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _tokenize_batch(
-    batch: dict[str, list[Any]],
-    idx: list[int],
-    tokenizer: Any,
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens (fast tokenizers through their Rust backend)."""
+    if getattr(tokenizer, "is_fast", False):
+        return [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _pieces_table(
+    ids_list: list[list[int]],
+    parts: list[int],
+    lasts: list[bool],
+    idx: Sequence[int],
     seq_len: int,
     bos: int | None,
     eos: int | None,
 ) -> pa.Table:
-    """Documents -> pieces of at most seq_len tokens, special tokens added by hand so counts are exact."""
-    if getattr(tokenizer, "is_fast", False):
-        encs = tokenizer.backend_tokenizer.encode_batch_fast(batch["text"], add_special_tokens=False)
-        ids_list = [e.ids for e in encs]
-    else:
-        ids_list = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    """Documents' token ids -> pieces of at most seq_len tokens, special tokens added by hand so counts are
+    exact (BOS on a document's first part, EOS on its last)."""
     # Build the Arrow columns from one flat numpy buffer: converting millions of Python ints list by list
     # into Arrow was ~10% of prepare_corpus.
     lengths = [len(ids) for ids in ids_list]
     flat = np.fromiter(itertools.chain.from_iterable(ids_list), dtype=np.int32, count=sum(lengths))
     doc_lens = np.asarray(lengths, dtype=np.int64)
-    first = np.asarray([bos is not None and part == 0 for part in batch["part"]])
-    final = np.asarray([eos is not None and bool(last) for last in batch["last"]])
+    first = np.asarray([bos is not None and part == 0 for part in parts], dtype=bool)
+    final = np.asarray([eos is not None and bool(last) for last in lasts], dtype=bool)
     doc_lens = doc_lens + first + final
     total = int(doc_lens.sum())
     out = np.empty(total, dtype=np.int32)
@@ -784,6 +790,19 @@ def _tokenize_batch(
     )
 
 
+def _tokenize_batch(
+    batch: dict[str, list[Any]],
+    idx: list[int],
+    tokenizer: Any,
+    seq_len: int,
+    bos: int | None,
+    eos: int | None,
+) -> pa.Table:
+    """``datasets.map`` function (slow tokenizers): documents -> pieces."""
+    ids_list = _encode(tokenizer, batch["text"])
+    return _pieces_table(ids_list, batch["part"], batch["last"], idx, seq_len, bos, eos)
+
+
 def _pack_batch(batch: Any, seq_len: int, pad_id: int) -> dict[str, Any]:
     # The batch is an Arrow table: the pieces are cut out of the flat token buffer as numpy views, without
     # turning millions of token ids into Python ints and back.
@@ -812,6 +831,10 @@ def _tokenize(
     path: Path,
     desc: str,
 ) -> datasets.Dataset:
+    """Documents -> an Arrow file of pieces (``input_ids``, ``length``, ``doc``: the row in ``docs``)."""
+    if getattr(tokenizer, "is_fast", False):
+        return _tokenize_fast(docs, tokenizer, cfg.seq_len, bos, eos, path, desc)
+    # a Python tokenizer: datasets.map with num_proc processes
     return docs.map(
         _tokenize_batch,
         with_indices=True,
@@ -825,6 +848,53 @@ def _tokenize(
         new_fingerprint=_sha(str(path))[:16],
         desc=desc,
     )
+
+
+def _tokenize_fast(
+    docs: datasets.Dataset,
+    tokenizer: Any,
+    seq_len: int,
+    bos: int | None,
+    eos: int | None,
+    path: Path,
+    desc: str,
+) -> datasets.Dataset:
+    """A fast tokenizer encodes the next batch in a worker thread (Rust releases the GIL and spreads a batch
+    over every core) while this thread turns the previous batch into pieces and writes them: the Python
+    work hides behind the tokenizer instead of adding to it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from datasets.arrow_writer import ArrowWriter
+    from tqdm.auto import tqdm
+
+    cols = docs.select_columns(["text", "part", "last"])
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="lora_dapt-tokenize") as pool,
+        ArrowWriter(features=_PIECE_FEATURES, path=str(path)) as writer,
+        tqdm(total=len(cols), desc=desc, unit="doc", disable=len(cols) < 1000) as bar,
+    ):
+        pending = None
+        start = 0
+
+        def flush(job: tuple[Any, dict[str, list[Any]], int]) -> None:
+            future, batch, first = job
+            n = len(batch["part"])
+            table = _pieces_table(
+                future.result(), batch["part"], batch["last"], range(first, first + n), seq_len, bos, eos
+            )
+            writer.write_table(table.cast(writer.schema) if writer.schema is not None else table)
+            bar.update(n)
+
+        for batch in cols.iter(batch_size=_TOKENIZE_BATCH):
+            future = pool.submit(_encode, tokenizer, batch.pop("text"))
+            if pending is not None:
+                flush(pending)
+            pending = (future, batch, start)
+            start += len(batch["part"])
+        if pending is not None:
+            flush(pending)
+        writer.finalize()
+    return datasets.Dataset.from_file(str(path))
 
 
 def _pack(pieces: datasets.Dataset, seq_len: int, pad_id: int, path: Path, desc: str) -> datasets.Dataset:
