@@ -6,8 +6,8 @@ gradient checkpointing, lora_dapt's chunked loss, paged 8-bit AdamW. Each size: 
 steps; reported: tokens/s, peak ``torch.cuda.max_memory_allocated`` next to ``estimate_memory``, and MFU.
 
 MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 4N (forward 2N + input gradients 2N; frozen
-base weights get no weight gradients) + 6 N_lora + attention (6 x layers x seq x hidden for forward and
-backward, causal) -- plus 2N more for the recomputed forward is NOT counted (it is overhead, not useful
+base weights get no weight gradients) + 6 N_lora + attention (6 x layers x D x hidden for forward and
+backward, causal within each document of length D = seq/4, which is what the packed attention computes) -- plus 2N more for the recomputed forward is NOT counted (it is overhead, not useful
 work) -- and the peak is a measured bf16 matmul rate (8192^3 matmuls on this GPU).
 
 Anchor: torchtune's README reports Llama-3.1-8B QLoRA at 7.4 GiB and 2,413 tokens/s on one RTX 4090.
@@ -146,7 +146,9 @@ def run_size(name: str, config: dict, device: str, seq_len: int, batch: int, ste
         device=device,
     )
     n = shape.total_params
-    attn = 6 * shape.num_layers * seq_len * shape.num_heads * shape.head_dim  # causal: half of 12 L T d
+    # causal attention within each of the 4 documents of a block (what packed_sdpa_attention computes):
+    # half of 12 L D d per token, D = the document length
+    attn = 6 * shape.num_layers * (seq_len // 4) * shape.num_heads * shape.head_dim
     flops_per_token = 4 * n + 6 * n_lora + attn
     del model, opt
     gc.collect()

@@ -5,9 +5,11 @@ one training step (forward, backward, AdamW step), then report the peak -- proce
 the RSS after imports), ``torch.cuda.max_memory_allocated`` on GPU -- next to ``lora_dapt.memory``'s
 estimate and the bytes the loaded weights really hold (``tensor_bytes``).
 
-Part 2: a tiny Llama with a 128,256-token vocabulary (Llama-3's) and 2 x 2048 tokens: peak memory of
-lora_dapt's loss (trained positions only, ``LOSS_CHUNK_TOKENS`` at a time, recomputed) against the model's
-own ``model(..., labels=...)`` loss, which holds [batch, seq, vocab] fp32 logits.
+Part 2: a tiny Llama with a 128,256-token vocabulary (Llama-3's) and 2 x 2048 tokens, embeddings and head
+frozen as in LoRA: peak memory of lora_dapt's loss (trained positions only, in chunks; the gradient for the
+hidden states made in the forward pass) against the model's own ``model(..., labels=...)`` loss, which holds
+[batch, seq, vocab] fp32 logits; plus lora_dapt's loss with a trained head (``train_embeddings``: autograd,
+chunks recomputed in the backward pass).
 
     python benchmarks/bench_memory.py            # SmolLM2-135M, seq 512
     python benchmarks/bench_memory.py --quick    # tiny random model
@@ -89,18 +91,21 @@ def child_loss(model_dir: str, which: str, seq_len: int, batch: int) -> dict:
     """Forward + backward of one batch with lora_dapt's chunked loss or the model's own loss."""
     from transformers import AutoModelForCausalLM
 
-    from lora_dapt.train import LOSS_CHUNK_TOKENS, causal_lm_loss_sum
+    from lora_dapt.train import causal_lm_loss_sum, loss_chunk_tokens
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if which != "lora_dapt_trained_head":  # embeddings and head frozen, as under LoRA
+        model.get_input_embeddings().weight.requires_grad_(False)
+        model.get_output_embeddings().weight.requires_grad_(False)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq_len))
     base_rss = _rss_now()
-    if which == "lora_dapt":
+    if which.startswith("lora_dapt"):
         loss, n = causal_lm_loss_sum(model, ids, ids.clone())
         (loss / n).backward()
     else:
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    return {"peak": _rss_peak() - base_rss, "chunk": LOSS_CHUNK_TOKENS}
+    return {"peak": _rss_peak() - base_rss, "chunk": loss_chunk_tokens(vocab)}
 
 
 def _run_child(args: list[str]) -> dict:
@@ -165,7 +170,8 @@ def main() -> None:
     # -- part 2: 128K vocabulary ------------------------------------------------------------------------
     big = tiny_dir(smol, work / "vocab128k", vocab_size=128256)
     loss_rows = {}
-    for which in ("lora_dapt", "model_labels", "lora_dapt", "model_labels"):  # alternate, keep the lower
+    kinds = ("lora_dapt", "lora_dapt_trained_head", "model_labels")
+    for which in kinds + kinds:  # alternate, keep the lower
         r = _run_child(["loss", str(big), which, args.loss_seq_len, 2])
         loss_rows[which] = min(loss_rows.get(which, r["peak"]), r["peak"])
     logits_mib = 2 * args.loss_seq_len * 128256 * 4 / 2**20
@@ -176,7 +182,8 @@ def main() -> None:
     print("| loss | peak RSS growth MiB | ratio |")
     print("|---|---|---|")
     for which, label in (
-        ("lora_dapt", f"lora_dapt chunked ({r.get('chunk')} tokens per chunk, recomputed)"),
+        ("lora_dapt", "lora_dapt, frozen head (LoRA): gradient made in the forward pass, chunked"),
+        ("lora_dapt_trained_head", "lora_dapt, trained head: autograd, chunks recomputed"),
         ("model_labels", "model(..., labels=...) (full logits)"),
     ):
         print(

@@ -170,16 +170,13 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, hidden.shape[0], chunk):
             y = targets[i : i + chunk]
-            logits = F.linear(hidden[i : i + chunk], weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            logp = torch.log_softmax(F.linear(hidden[i : i + chunk], weight, bias).float(), dim=-1)
+            total -= logp.gather(1, y[:, None]).sum()
             if need_grad:
-                logits.sub_(
-                    lse[:, None]
-                ).exp_()  # softmax, in place (a fresh tensor: .float() copied or linear made it)
-                logits[torch.arange(len(y), device=y.device), y] -= 1
-                grad[i : i + chunk] = logits.to(weight.dtype) @ weight
-            del logits, lse
+                logp.exp_()  # softmax, in place
+                logp[torch.arange(len(y), device=y.device), y] -= 1
+                grad[i : i + chunk] = logp.to(weight.dtype) @ weight
+            del logp
         ctx.save_for_backward(grad)
         return total
 
