@@ -324,23 +324,28 @@ def packed_sdpa_attention(
     ):
         spans = _packed_spans(attention_mask, position_ids, query.shape[0], q_len)
         if spans is not None:
-            rows = []
-            for b, row in enumerate(spans):
-                parts = [
-                    sdpa_attention_forward(
-                        module,
-                        query[b : b + 1, :, s:e],
-                        key[b : b + 1, :, s:e],
-                        value[b : b + 1, :, s:e],
-                        None,
-                        dropout=dropout,
-                        scaling=scaling,
-                        is_causal=True,
-                    )[0]
-                    for s, e in row
-                ]
-                rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
-            return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
+            # Documents are cut out of token-major views with one split per tensor: its backward is a single
+            # concatenation, where slicing each document out would zero-fill a full-size gradient per document.
+            lengths = [e - s for row in spans for s, e in row]
+            parts = [
+                torch.split(t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]), lengths)
+                for t in (query, key, value)
+            ]
+            out = [
+                sdpa_attention_forward(
+                    module,
+                    q.transpose(0, 1).unsqueeze(0),
+                    k.transpose(0, 1).unsqueeze(0),
+                    v.transpose(0, 1).unsqueeze(0),
+                    None,
+                    dropout=dropout,
+                    scaling=scaling,
+                    is_causal=True,
+                )[0]
+                for q, k, v in zip(*parts, strict=True)
+            ]
+            joined = out[0] if len(out) == 1 else torch.cat(out, dim=1)  # [1, batch * seq, heads, head_dim]
+            return joined.reshape(query.shape[0], q_len, *joined.shape[2:]), None
     return sdpa_attention_forward(
         module,
         query,
