@@ -165,6 +165,42 @@ def run_size(name: str, config: dict, device: str, seq_len: int, batch: int, ste
     }
 
 
+def check_packed_attention(device: str) -> float:
+    """lora_dapt's per-document SDPA against transformers' masked SDPA on this device (bf16 on CUDA): the
+    largest relative difference of the logits and of the gradients. Raises when they disagree."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_dapt.model import PACKED_SDPA, use_packed_sdpa
+
+    cfg = dict(TINY)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    models = []
+    for _ in range(2):
+        hf = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+        hf._attn_implementation = "sdpa"
+        models.append(AutoModelForCausalLM.from_config(hf, dtype=dtype).to(device))
+    models[1].load_state_dict(models[0].state_dict())
+    assert use_packed_sdpa(models[1]) and models[1].config._attn_implementation == PACKED_SDPA
+    ids = torch.randint(0, cfg["vocab_size"], (2, 512), device=device)
+    pos = torch.cat([torch.arange(n) for n in (100, 1, 300, 111)]).expand(2, -1).to(device)
+    outs, grads = [], []
+    for m in models:
+        out = m(input_ids=ids, position_ids=pos, use_cache=False).logits
+        out.float().square().mean().backward()
+        outs.append(out.detach().float())
+        grads.append(torch.cat([p.grad.float().flatten() for p in m.parameters()]))
+    rel = max(
+        ((outs[0] - outs[1]).abs().max() / outs[0].abs().max()).item(),
+        ((grads[0] - grads[1]).abs().max() / grads[0].abs().max()).item(),
+    )
+    if rel > (3e-2 if dtype == torch.bfloat16 else 1e-4):
+        raise SystemExit(
+            f"packed attention disagrees with masked SDPA on {device}: max relative diff {rel:.2e}"
+        )
+    return rel
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-check", action="store_true", help="tiny model on the CPU: checks the setup only")
@@ -186,6 +222,9 @@ def main() -> None:
         sizes = ["llama-1b"] if args.quick else args.sizes.split(",")
         steps = 3 if args.quick else steps
         runs = [(s, KNOWN_MODELS[SIZES[s]]) for s in sizes]
+    print(
+        f"packed attention vs masked SDPA on {device}: max relative difference {check_packed_attention(device):.1e}"
+    )
     peak = matmul_peak_flops(device, 8192 if device == "cuda" else 512)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"{gpu}: measured matmul peak {peak / 1e12:.2f} TFLOP/s; seq {seq}, batch {args.batch}, NF4, r=16")
