@@ -552,8 +552,8 @@ def estimate_memory(
             # (a no-op in fp32), the saved log-softmax and the fp32 gradient
             logits = n * v * (s + (4 if s != 4 else 0) + 4 + 4)
         else:
-            # a frozen head: the gradient is made in the forward pass, a chunk at a time: fp32 logits and the
-            # logsumexp temporary at once, then the softmax cast to the compute dtype; plus the stored
+            # a frozen head: the gradient is made in the forward pass, a chunk at a time: fp32 logits and their
+            # log-softmax at once, then the softmax cast to the compute dtype; plus the stored
             # [tokens, hidden] gradient of the hidden states
             logits = n * v * (4 + max(4, s if s != 4 else 0)) + tokens * shape.hidden_size * s
     else:
