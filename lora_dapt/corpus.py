@@ -78,7 +78,7 @@ _READ_BYTES = 1 << 22  # text files are read in chunks of this many bytes
 _TOKENIZE_BATCH = 256  # documents per tokenizer call (parts are <= 1M chars, so <= ~256 MB per batch)
 _PACK_BATCH = 2048  # pieces (<= seq_len tokens each) per packing batch
 _EVAL_DOCS_CHARS = 5_000_000  # cap on Corpus.eval_documents
-_VERSION = "1"  # bump when the output of the pipeline changes for the same inputs
+_VERSION = "2"  # bump when the output of the pipeline changes for the same inputs
 
 # Row schema of the documents table; report rows have status != "ok" and no text.
 _DOC_FEATURES = datasets.Features(
@@ -100,6 +100,7 @@ _PIECE_FEATURES = datasets.Features(
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"),
         "doc": datasets.Value("int64"),
+        "cut": datasets.Value("bool"),  # the document was cut into several pieces (gap filling may cut more)
     }
 )
 _BLOCK_COLUMNS = ("input_ids", "position_ids", "labels")
@@ -164,6 +165,9 @@ class CorpusStats:
     """padding_tokens / (all block tokens)."""
     continuation_pieces: int = 0
     """Pieces that continue a long document: their first token is an input but not a target."""
+    gap_fill_cuts: int = 0
+    """Extra cuts packing made in long documents' pieces to fill block gaps instead of padding them (each is
+    one more first token that is an input but not a target)."""
     tokens_per_char: float = 0.0
     """Text tokens (no special tokens) per character of the kept documents."""
     replay_documents: int = 0
@@ -225,7 +229,8 @@ class CorpusStats:
             f"{self.special_tokens:,} BOS/EOS)",
             f"blocks:            {self.train_blocks} train + {self.eval_blocks} eval x {self.seq_len} tokens",
             f"padding:           {self.padding_tokens:,} tokens ({self.padding_fraction:.2%})",
-            f"long-doc pieces:   {self.continuation_pieces} continuation pieces",
+            f"long-doc pieces:   {self.continuation_pieces} continuation pieces"
+            + (f" (+{self.gap_fill_cuts} cut to fill block gaps)" if self.gap_fill_cuts else ""),
             f"tokens per char:   {self.tokens_per_char:.3f}",
             f"replay:            {self.replay_tokens:,} tokens from {self.replay_documents} documents "
             f"({self.replay_fraction:.1%} of training tokens)",
@@ -772,11 +777,12 @@ def _pieces_table(
         if final[k]:
             out[o + n] = eos
     # cut every document into pieces of at most seq_len tokens
-    piece_lens, piece_docs = [], []
+    piece_lens, piece_docs, piece_cut = [], [], []
     for k, n in enumerate(doc_lens.tolist()):
         for s in range(0, n, seq_len):
             piece_lens.append(min(seq_len, n - s))
             piece_docs.append(idx[k])
+            piece_cut.append(n > seq_len)
     # documents lie in order in `out`, so consecutive pieces tile it and their lengths give the offsets
     plen = np.asarray(piece_lens, dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(plen)]).astype(np.int32)
@@ -786,6 +792,7 @@ def _pieces_table(
             "input_ids": input_ids,
             "length": pa.array(plen, type=pa.int32()),
             "doc": pa.array(np.asarray(piece_docs, dtype=np.int64)),
+            "cut": pa.array(piece_cut, type=pa.bool_()),
         }
     )
 
@@ -803,6 +810,9 @@ def _tokenize_batch(
     return _pieces_table(ids_list, batch["part"], batch["last"], idx, seq_len, bos, eos)
 
 
+_GAP_CUTS = [0]  # cuts made by packing to fill block gaps, counted by _pack_batch for _pack (one process)
+
+
 def _pack_batch(batch: Any, seq_len: int, pad_id: int) -> dict[str, Any]:
     # The batch is an Arrow table: the pieces are cut out of the flat token buffer as numpy views, without
     # turning millions of token ids into Python ints and back.
@@ -810,7 +820,9 @@ def _pack_batch(batch: Any, seq_len: int, pad_id: int) -> dict[str, Any]:
     flat = col.values.to_numpy(zero_copy_only=False)
     offsets = col.offsets.to_numpy()
     pieces = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-    ids, pos, lab, _ = packing._pack_arrays(pieces, seq_len, pad_id)
+    splittable = batch.column("cut").to_pylist()
+    ids, pos, lab, _, cuts = packing._pack_arrays(pieces, seq_len, pad_id, splittable=splittable)
+    _GAP_CUTS[0] += cuts
     return {
         "input_ids": ids.astype(np.int32),
         "position_ids": pos.astype(np.int32),
@@ -897,9 +909,13 @@ def _tokenize_fast(
     return datasets.Dataset.from_file(str(path))
 
 
-def _pack(pieces: datasets.Dataset, seq_len: int, pad_id: int, path: Path, desc: str) -> datasets.Dataset:
-    # one process: packing is numpy work on small batches, and one output file keeps the cache simple
-    return (
+def _pack(
+    pieces: datasets.Dataset, seq_len: int, pad_id: int, path: Path, desc: str
+) -> tuple[datasets.Dataset, int]:
+    """Pieces -> blocks; also returns the cuts made to fill gaps. One process: packing is numpy work on small
+    batches, one output file keeps the cache simple, and the cut count is kept in this process."""
+    _GAP_CUTS[0] = 0
+    blocks = (
         pieces.with_format("arrow")
         .map(
             _pack_batch,
@@ -914,6 +930,7 @@ def _pack(pieces: datasets.Dataset, seq_len: int, pad_id: int, path: Path, desc:
         )
         .with_format(None)
     )
+    return blocks, _GAP_CUTS[0]
 
 
 def _lengths(pieces: datasets.Dataset) -> np.ndarray:
@@ -937,7 +954,8 @@ def _select_replay(pieces: datasets.Dataset, target: int) -> tuple[datasets.Data
         row = chosen[k]
         last = row["input_ids"][: int(lengths[k]) - over]
         tail = datasets.Dataset.from_dict(
-            {"input_ids": [last], "length": [len(last)], "doc": [row["doc"]]}, features=_PIECE_FEATURES
+            {"input_ids": [last], "length": [len(last)], "doc": [row["doc"]], "cut": [row["cut"]]},
+            features=_PIECE_FEATURES,
         )
         chosen = datasets.concatenate_datasets([chosen.select(range(k)), tail]) if k else tail
     return chosen, target, len(np.unique(docs[: k + 1]))
@@ -1242,12 +1260,12 @@ def _build(
         train_pieces = datasets.concatenate_datasets([train_pieces, rp_pieces])
 
     # 4. pack
-    train = _pack(train_pieces, cfg.seq_len, pad_id, work / "train.arrow", "packing train")
-    ev = (
-        _pack(eval_pieces, cfg.seq_len, pad_id, work / "eval.arrow", "packing eval")
-        if eval_pieces is not None
-        else None
-    )
+    train, cuts = _pack(train_pieces, cfg.seq_len, pad_id, work / "train.arrow", "packing train")
+    ev = None
+    if eval_pieces is not None:
+        ev, ev_cuts = _pack(eval_pieces, cfg.seq_len, pad_id, work / "eval.arrow", "packing eval")
+        cuts += ev_cuts
+    stats.gap_fill_cuts = cuts
     stats.train_tokens = domain_tokens + stats.replay_tokens
     stats.eval_tokens = eval_tokens
     stats.train_blocks, stats.eval_blocks = len(train), (len(ev) if ev is not None else 0)

@@ -35,6 +35,12 @@ Trade-offs (what the common recipes get wrong, and what this costs instead):
 * Pieces are placed with best-fit decreasing (BFD): whole pieces of exactly ``seq_len`` fill their own
   block; the rest go, longest first, into the open block with the least room that still fits. Padding is
   only the room no remaining piece fits into; on real corpora it is well under 1%.
+* Corpora of a few very long documents leave gaps BFD cannot fill with whole pieces (their last pieces are
+  long). Given ``splittable`` flags (``prepare_corpus`` marks the pieces of documents that were already
+  cut), :func:`plan_blocks` then empties the least-filled blocks into the others' gaps, cutting those pieces
+  again (never a short document), until less than one block of padding is left: each extra cut costs one
+  untrained first token and saves a block of padding (3 MB of 105 large files: 1.92% -> 0.13% padding,
+  for 15 cuts). ``pack_documents`` (used by SFT) does not do this.
 """
 
 from __future__ import annotations
@@ -66,11 +72,19 @@ def split_into_pieces(lengths: Sequence[int], seq_len: int) -> list[Piece]:
     return out
 
 
-def plan_blocks(lengths: Sequence[int], seq_len: int) -> list[list[Piece]]:
+def plan_blocks(
+    lengths: Sequence[int], seq_len: int, splittable: Sequence[bool] | None = None
+) -> list[list[Piece]]:
     """Assign every token of every document to exactly one block, best-fit decreasing; no I/O, no tokens.
 
     Returns one list of pieces per block; a block's padding is ``seq_len - sum(end - start)``. Deterministic:
     ties are broken by document order.
+
+    ``splittable`` (one flag per input): inputs that are already a piece of a longer document. After BFD,
+    the least-filled blocks are emptied into the other blocks' gaps where that is possible, cutting
+    splittable pieces (never a whole short document) into fragments of at least ``max(8, seq_len // 64)``
+    tokens; each extra cut costs one untrained target (a fragment's first token) and saves a block of
+    padding.
 
     >>> plan_blocks([3, 5, 1], 4)   # doc 1 is cut into 4 + 1 tokens
     [[(1, 0, 4)], [(0, 0, 3), (1, 4, 5)], [(2, 0, 1)]]
@@ -94,7 +108,67 @@ def plan_blocks(lengths: Sequence[int], seq_len: int) -> list[list[Piece]]:
             left -= n
         if left > 0:
             bisect.insort(room, (left, b))
+    if splittable is not None and any(splittable):
+        bins = _fill_gaps(bins, seq_len, splittable, max(8, seq_len // 64))
     return full + bins
+
+
+def _fill_gaps(
+    bins: list[list[Piece]], seq_len: int, splittable: Sequence[bool], min_cut: int
+) -> list[list[Piece]]:
+    """Empty the least-filled blocks into the gaps of the others (see :func:`plan_blocks`).
+
+    Emptying a block needs the other blocks' gaps to hold its tokens, i.e. all gaps together must add up to
+    at least one block: so each success removes exactly one block of padding, and the loop stops when less
+    than a block of padding is left (or after 64 blocks that could not be emptied, e.g. whole documents).
+    """
+    fill = [sum(e - s for _, s, e in b) for b in bins]
+    alive = [True] * len(bins)
+    room_total = sum(seq_len - f for f in fill)
+    tried: set[int] = set()
+    while room_total >= seq_len and len(tried) < 64:
+        candidates = [b for b in range(len(bins)) if alive[b] and b not in tried]
+        if not candidates:
+            break
+        donor = min(candidates, key=lambda b: (fill[b], b))
+        tried.add(donor)
+        rooms = sorted(
+            (seq_len - fill[b], b) for b in range(len(bins)) if alive[b] and b != donor and fill[b] < seq_len
+        )
+        moves = _place(bins[donor], rooms, splittable, min_cut)
+        if moves is None:
+            continue
+        for b, p in moves:
+            bins[b].append(p)
+            fill[b] += p[2] - p[1]
+        alive[donor] = False
+        room_total -= seq_len
+        tried.discard(donor)
+    return [b for b, keep in zip(bins, alive, strict=True) if keep]
+
+
+def _place(
+    pieces: list[Piece], rooms: list[tuple[int, int]], splittable: Sequence[bool], min_cut: int
+) -> list[tuple[int, Piece]] | None:
+    """Where ``pieces`` go in the gaps ``rooms`` ((room, block), sorted): whole where one fits (best fit),
+    else cut into the largest gaps; None when they do not all fit."""
+    moves: list[tuple[int, Piece]] = []
+    for d, s, e in sorted(pieces, key=lambda p: (p[1] - p[2], p)):
+        while s < e:
+            n = e - s
+            k = bisect.bisect_left(rooms, (n, -1))
+            if k < len(rooms):  # the rest fits whole
+                r, b = rooms.pop(k)
+                moves.append((b, (d, s, e)))
+                if r > n:
+                    bisect.insort(rooms, (r - n, b))
+                break
+            if not splittable[d] or not rooms or rooms[-1][0] < min_cut:
+                return None
+            r, b = rooms.pop()  # the largest gap, filled exactly
+            moves.append((b, (d, s, s + r)))
+            s += r
+    return moves
 
 
 def _pack_arrays(
@@ -102,9 +176,11 @@ def _pack_arrays(
     seq_len: int,
     pad_id: int,
     label_lists: Sequence[Sequence[int]] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    splittable: Sequence[bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Like :func:`pack_documents` but returns arrays: ids, positions, labels (each [n_blocks, seq_len],
-    int64) and the padding count of each block ([n_blocks])."""
+    int64), the padding count of each block ([n_blocks]) and the number of cuts :func:`plan_blocks` made
+    to fill gaps (``splittable``)."""
     docs = [np.asarray(t, dtype=np.int64) for t in token_lists]
     if label_lists is not None:
         if len(label_lists) != len(docs):
@@ -115,7 +191,8 @@ def _pack_arrays(
                 raise ValueError(f"document {i}: {len(d)} tokens but {len(lab)} labels")
     else:
         labs = docs
-    plan = plan_blocks([len(d) for d in docs], seq_len)
+    plan = plan_blocks([len(d) for d in docs], seq_len, splittable)
+    n_cuts = sum(len(b) for b in plan) - sum(-(-len(d) // seq_len) for d in docs)
     n = len(plan)
     ids = np.full((n, seq_len), pad_id, dtype=np.int64)
     pos = np.empty((n, seq_len), dtype=np.int64)
@@ -132,7 +209,7 @@ def _pack_arrays(
             t += m
         pos[b, t:] = ar[: seq_len - t]  # padding: its own segment, restarting at 0
         n_pad[b] = seq_len - t
-    return ids, pos, lab, n_pad
+    return ids, pos, lab, n_pad, n_cuts
 
 
 def pack_documents(
@@ -160,7 +237,7 @@ def pack_documents(
     Block 1 holds two segments ([5, 6, 7] and the tail ``5`` of document 1); block 2 holds ``8`` and three
     pads, whose positions restart so they form a segment of their own.
     """
-    ids, pos, lab, _ = _pack_arrays(token_lists, seq_len, pad_id, label_lists)
+    ids, pos, lab, _, _ = _pack_arrays(token_lists, seq_len, pad_id, label_lists)
     return [
         {"input_ids": i.tolist(), "position_ids": p.tolist(), "labels": la.tolist()}
         for i, p, la in zip(ids, pos, lab, strict=True)

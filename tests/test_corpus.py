@@ -413,3 +413,31 @@ def test_stats_round_trip():
     s = CorpusStats(documents_read=3, dropped={"empty": 1}, seq_len=8)
     assert CorpusStats.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert "documents read:    3" in s.summary() and "dropped empty: 1" in s.summary()
+
+
+def test_gaps_left_by_long_documents_are_filled_and_counted(tmp_path, tiny_tokenizer, monkeypatch):
+    # documents longer than a block whose last pieces (36-60 tokens of 64) cannot share a block: plain
+    # best-fit decreasing leaves a gap after each
+    texts = []
+    for n in range(100, 400):
+        text = make_text(n, 900 + n)
+        if 36 <= (len(doc_tokens(tiny_tokenizer, text)) % 64) <= 60:
+            texts.append(text)
+        if len(texts) == 8:
+            break
+
+    def prepare(tag: str):
+        return prepare_corpus([texts], tiny_tokenizer, cfg(tmp_path / tag, seq_len=64), use_cache=False)
+
+    filled = prepare("filled")
+    s = filled.stats
+    assert s.gap_fill_cuts > 0
+    assert f"(+{s.gap_fill_cuts} cut to fill block gaps)" in s.summary()
+    # every cut starts a segment whose first token is an input but not a target: the count is exact
+    targets = sum(sum(1 for x in row if x != IGNORE_INDEX) for row in filled.train["labels"])
+    assert targets == s.train_tokens - s.train_documents - s.continuation_pieces - s.gap_fill_cuts
+    monkeypatch.setattr("lora_dapt.packing._fill_gaps", lambda bins, *a: bins)  # plain best-fit decreasing
+    plain = prepare("plain")
+    assert plain.stats.gap_fill_cuts == 0 and plain.stats.train_tokens == s.train_tokens
+    assert s.padding_tokens < plain.stats.padding_tokens and s.train_blocks < plain.stats.train_blocks
+    assert s.padding_tokens < 64  # less than one block of padding is left

@@ -111,3 +111,52 @@ def test_deterministic_and_rejects_bad_seq_len():
     assert plan_blocks(lengths, 6) == plan_blocks(lengths, 6)
     with pytest.raises(ValueError, match="seq_len"):
         plan_blocks([3], 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(8, 64),
+    st.lists(st.tuples(st.integers(1, 300), st.booleans()), min_size=1, max_size=40),
+)
+def test_gap_filling_keeps_every_token_and_whole_short_documents(seq_len, docs):
+    # pieces as prepare_corpus hands them over: a long document's pieces are splittable, short ones not
+    lengths, flags = [], []
+    for n, long_doc in docs:
+        n = max(n, seq_len + 1) if long_doc else min(n, seq_len)
+        for s in range(0, n, seq_len):
+            lengths.append(min(seq_len, n - s))
+            flags.append(long_doc)
+    plain = plan_blocks(lengths, seq_len)
+    filled = plan_blocks(lengths, seq_len, splittable=flags)
+    covered = sorted((d, t) for b in filled for d, s, e in b for t in range(s, e))
+    assert covered == [(d, t) for d, n in enumerate(lengths) for t in range(n)]  # every token exactly once
+    assert all(sum(e - s for _, s, e in b) <= seq_len for b in filled)
+    for d, n in enumerate(lengths):
+        parts = [(s, e) for b in filled for dd, s, e in b if dd == d]
+        if not flags[d]:
+            assert parts == [(0, n)]  # a short document is never cut
+    assert len(filled) <= len(plain)  # never more padding
+    cuts = sum(len(b) for b in filled) - len(lengths)
+    assert cuts >= 0 and (cuts == 0) == (len(filled) == len(plain) and filled == plain)
+
+
+def test_gap_filling_removes_padding_of_long_document_tails():
+    seq_len = 100
+    # ten long documents whose last pieces (60..69 tokens) cannot share a block: plain BFD pads each
+    lengths, flags = [], []
+    for k in range(10):
+        lengths += [100, 60 + k]
+        flags += [True, True]
+    plain = plan_blocks(lengths, seq_len)
+    filled = plan_blocks(lengths, seq_len, splittable=flags)
+    total = sum(lengths)
+    assert len(plain) == 20  # 10 full + 10 tails alone
+    assert len(filled) == -(-total // seq_len) == 17  # the fewest blocks these tokens can take
+    ids, pos, lab, n_pad, cuts = packing._pack_arrays(
+        [list(range(1, n + 1)) for n in lengths], seq_len, 0, splittable=flags
+    )
+    assert ids.shape == (17, seq_len) and int(n_pad.sum()) == 17 * seq_len - total
+    assert cuts == sum(len(b) for b in filled) - len(lengths) > 0
+    # every fragment starts a segment whose first token is not a target
+    assert int((pos == 0).sum()) == sum(len(b) for b in filled) + int((n_pad > 0).sum())
+    assert int((lab != IGNORE_INDEX).sum()) == total - sum(len(b) for b in filled)
