@@ -541,11 +541,9 @@ def estimate_memory(
     v = shape.vocab_size
     if loss == "chunked":
         if loss_chunk_tokens is None:
-            from .train import LOSS_LOGITS_BUDGET
-            from .train import loss_chunk_tokens as chunk_for
+            from .train import loss_chunk_size
 
-            # the loss takes all positions at once while their fp32 logits fit the budget, else chunks
-            loss_chunk_tokens = tokens if tokens * v * 4 <= LOSS_LOGITS_BUDGET else chunk_for(v)
+            loss_chunk_tokens = loss_chunk_size(tokens, v)
         n = min(tokens, loss_chunk_tokens)
         if full_ft or adapter.train_embeddings:
             # a trained head: autograd, one chunk in the backward pass: logits (compute dtype), their fp32 copy

@@ -54,6 +54,12 @@ def loss_chunk_tokens(vocab_size: int) -> int:
     return max(16, min(LOSS_CHUNK_TOKENS, LOSS_LOGITS_BUDGET // 4 // (4 * vocab_size)))
 
 
+def loss_chunk_size(positions: int, vocab_size: int) -> int:
+    """Positions the loss takes at once: all of them while their fp32 logits fit LOSS_LOGITS_BUDGET, else
+    :func:`loss_chunk_tokens`."""
+    return positions if positions * vocab_size * 4 <= LOSS_LOGITS_BUDGET else loss_chunk_tokens(vocab_size)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,12 +237,11 @@ def causal_lm_loss_sum(
         return F.cross_entropy(head(h_chunk).float(), y_chunk, reduction="sum")
 
     vocab = int(getattr(base.config, "vocab_size", 0) or head.weight.shape[0])
+    chunk = loss_chunk_size(n, vocab)
     if _frozen_linear_head(head):
-        chunk = n if n * vocab * 4 <= LOSS_LOGITS_BUDGET else loss_chunk_tokens(vocab)
         return _FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, y, chunk), n
-    if n * vocab * 4 <= LOSS_LOGITS_BUDGET:
+    if chunk >= n:
         return chunk_loss(h, y), n
-    chunk = loss_chunk_tokens(vocab)
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, n, chunk):
         hc, yc = h[i : i + chunk], y[i : i + chunk]
