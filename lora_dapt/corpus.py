@@ -894,7 +894,7 @@ def _tokenize_fast(
             table = _pieces_table(
                 future.result(), batch["part"], batch["last"], range(first, first + n), seq_len, bos, eos
             )
-            writer.write_table(table.cast(writer.schema) if writer.schema is not None else table)
+            writer.write_table(table)  # ArrowWriter casts to _PIECE_FEATURES itself
             bar.update(n)
 
         for batch in cols.iter(batch_size=_TOKENIZE_BATCH):

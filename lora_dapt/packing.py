@@ -125,25 +125,24 @@ def _fill_gaps(
     fill = [sum(e - s for _, s, e in b) for b in bins]
     alive = [True] * len(bins)
     room_total = sum(seq_len - f for f in fill)
-    tried: set[int] = set()
-    while room_total >= seq_len and len(tried) < 64:
-        candidates = [b for b in range(len(bins)) if alive[b] and b not in tried]
+    failed: set[int] = set()
+    while room_total >= seq_len and len(failed) < 64:
+        candidates = [b for b in range(len(bins)) if alive[b] and b not in failed]
         if not candidates:
             break
         donor = min(candidates, key=lambda b: (fill[b], b))
-        tried.add(donor)
         rooms = sorted(
             (seq_len - fill[b], b) for b in range(len(bins)) if alive[b] and b != donor and fill[b] < seq_len
         )
         moves = _place(bins[donor], rooms, splittable, min_cut)
         if moves is None:
+            failed.add(donor)
             continue
         for b, p in moves:
             bins[b].append(p)
             fill[b] += p[2] - p[1]
         alive[donor] = False
         room_total -= seq_len
-        tried.discard(donor)
     return [b for b, keep in zip(bins, alive, strict=True) if keep]
 
 
