@@ -32,6 +32,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from _table import print_table
 
 from lora_dapt.config import DataConfig
 from lora_dapt.corpus import clean_text, prepare_corpus
@@ -249,10 +250,7 @@ def main() -> None:
         "padding",
         "cross-document attention",
     )
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

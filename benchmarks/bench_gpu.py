@@ -24,6 +24,7 @@ import time
 import warnings
 
 import torch
+from _table import print_table
 
 SIZES = {
     "llama-1b": "llama-3.2-1b",
@@ -237,13 +238,21 @@ def main() -> None:
             f"  {name}: {r['tok_s']:.0f} tok/s, {time.perf_counter() - t:.0f} s, loss {r['loss']:.2f}",
             flush=True,
         )
-    print("\n| model | params | tokens/s | peak GiB | estimate GiB | MFU |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['name']} | {r['params'] / 1e9:.2f}B | {r['tok_s']:.0f} | {r['peak'] / 2**30:.2f} | "
-            f"{r['estimate'] / 2**30:.2f} | {r['mfu']:.1%} |"
-        )
+    print()
+    print_table(
+        ("model", "params", "tokens/s", "peak GiB", "estimate GiB", "MFU"),
+        (
+            (
+                r["name"],
+                f"{r['params'] / 1e9:.2f}B",
+                f"{r['tok_s']:.0f}",
+                f"{r['peak'] / 2**30:.2f}",
+                f"{r['estimate'] / 2**30:.2f}",
+                f"{r['mfu']:.1%}",
+            )
+            for r in rows
+        ),
+    )
     print("anchor: torchtune Llama-3.1-8B QLoRA, RTX 4090: 7.4 GiB, 2,413 tokens/s")
 
 

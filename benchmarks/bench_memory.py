@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _table import print_table  # noqa: E402
+
 
 def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -156,16 +158,24 @@ def main() -> None:
         "real weights+adapter MiB",
         "error",
     )
-    print("\n| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
+    table = []
     for mode, r in rows.items():
         e = r["estimate"]
         est_wa = e["weights"] + e["adapter"]
         real_wa = r["real"]["weights"] + r["real"]["adapter"]
-        print(
-            f"| {labels[mode]} | {r['peak'] / 2**20:.0f} | {r['peak'] / rows['full']['peak']:.2f} | "
-            f"{e['total'] / 2**20:.0f} | {est_wa / 2**20:.1f} | {real_wa / 2**20:.1f} | {est_wa / real_wa - 1:+.1%} |"
+        table.append(
+            (
+                labels[mode],
+                f"{r['peak'] / 2**20:.0f}",
+                f"{r['peak'] / rows['full']['peak']:.2f}",
+                f"{e['total'] / 2**20:.0f}",
+                f"{est_wa / 2**20:.1f}",
+                f"{real_wa / 2**20:.1f}",
+                f"{est_wa / real_wa - 1:+.1%}",
+            )
         )
+    print()
+    print_table(header, table)
 
     # -- part 2: 128K vocabulary ------------------------------------------------------------------------
     big = tiny_dir(smol, work / "vocab128k", vocab_size=128256)
@@ -179,16 +189,17 @@ def main() -> None:
         f"\ntiny Llama (hidden 64) with a 128,256-token vocabulary, 2 x {args.loss_seq_len} tokens, forward + "
         f"backward, fp32; [B,T,V] fp32 logits alone = {logits_mib:.0f} MiB"
     )
-    print("| loss | peak RSS growth MiB | ratio |")
-    print("|---|---|---|")
-    for which, label in (
-        ("lora_dapt", "lora_dapt, frozen head (LoRA): gradient made in the forward pass, chunked"),
-        ("lora_dapt_trained_head", "lora_dapt, trained head: autograd, chunks recomputed"),
-        ("model_labels", "model(..., labels=...) (full logits)"),
-    ):
-        print(
-            f"| {label} | {loss_rows[which] / 2**20:.0f} | {loss_rows[which] / loss_rows['model_labels']:.2f} |"
-        )
+    print_table(
+        ("loss", "peak RSS growth MiB", "ratio"),
+        (
+            (label, f"{loss_rows[which] / 2**20:.0f}", f"{loss_rows[which] / loss_rows['model_labels']:.2f}")
+            for which, label in (
+                ("lora_dapt", "lora_dapt, frozen head (LoRA): gradient made in the forward pass, chunked"),
+                ("lora_dapt_trained_head", "lora_dapt, trained head: autograd, chunks recomputed"),
+                ("model_labels", "model(..., labels=...) (full logits)"),
+            )
+        ),
+    )
 
 
 if __name__ == "__main__":

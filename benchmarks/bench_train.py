@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _table import print_table
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -397,10 +398,7 @@ def main() -> None:
         "trained-targets/s ratio (median)",
         "padding ld / base",
     )
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(header, rows)
 
 
 if __name__ == "__main__":
