@@ -89,6 +89,8 @@ def plan_blocks(
     >>> plan_blocks([3, 5, 1], 4)   # doc 1 is cut into 4 + 1 tokens
     [[(1, 0, 4)], [(0, 0, 3), (1, 4, 5)], [(2, 0, 1)]]
     """
+    if splittable is not None and len(splittable) != len(lengths):
+        raise ValueError(f"got {len(splittable)} splittable flags for {len(lengths)} documents")
     pieces = split_into_pieces(lengths, seq_len)
     full = [[p] for p in pieces if p[2] - p[1] == seq_len]
     rest = [p for p in pieces if p[2] - p[1] < seq_len]

@@ -160,3 +160,8 @@ def test_gap_filling_removes_padding_of_long_document_tails():
     # every fragment starts a segment whose first token is not a target
     assert int((pos == 0).sum()) == sum(len(b) for b in filled) + int((n_pad > 0).sum())
     assert int((lab != IGNORE_INDEX).sum()) == total - sum(len(b) for b in filled)
+
+
+def test_splittable_flags_must_match_the_documents():
+    with pytest.raises(ValueError, match="got 1 splittable flags for 2 documents"):
+        plan_blocks([5, 9], 4, splittable=[True])
