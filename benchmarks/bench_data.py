@@ -35,7 +35,8 @@ import numpy as np
 from _table import print_table
 
 from lora_dapt.config import DataConfig
-from lora_dapt.corpus import clean_text, prepare_corpus
+from lora_dapt.data.clean import clean_text
+from lora_dapt.data.corpus import prepare_corpus
 
 
 def pad_id(tok) -> int:

@@ -68,7 +68,7 @@ def build_quantized(config: dict, device: str):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_dapt.model import load_base_model
+    from lora_dapt.model.load import load_base_model
 
     cfg = dict(config)
     hf = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -97,9 +97,10 @@ def _save_placeholder_tokenizer(d: str) -> None:
 
 def run_size(name: str, config: dict, device: str, seq_len: int, batch: int, steps: int, peak: float) -> dict:
     from lora_dapt.config import AdapterConfig
-    from lora_dapt.memory import estimate_memory, model_shape
-    from lora_dapt.model import apply_lora
-    from lora_dapt.train import causal_lm_loss_sum
+    from lora_dapt.model.lora import apply_lora
+    from lora_dapt.model.loss import causal_lm_loss_sum
+    from lora_dapt.plan.memory import estimate_memory
+    from lora_dapt.plan.shapes import model_shape
 
     shape = model_shape(config)
     model = build_quantized(config, device)
@@ -171,7 +172,7 @@ def check_packed_attention(device: str) -> float:
     largest relative difference of the logits and of the gradients. Raises when they disagree."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_dapt.model import PACKED_SDPA, use_packed_sdpa
+    from lora_dapt.model.attention import PACKED_SDPA, use_packed_sdpa
 
     cfg = dict(TINY)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -212,7 +213,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per size (after 2 warm-up steps)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    from lora_dapt.memory import KNOWN_MODELS
+    from lora_dapt.plan.shapes import KNOWN_MODELS
 
     if args.cpu_check:
         device, runs, seq, steps = "cpu", [("tiny-cpu-check", TINY)], min(args.seq_len, 256), 2

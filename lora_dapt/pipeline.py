@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from .config import RunConfig
-from .train import TrainResult
+from .train.pretrain import TrainResult
 
 log = logging.getLogger("lora_dapt")
 
@@ -26,9 +26,10 @@ def run(config: RunConfig) -> TrainResult:
     """
     from transformers import set_seed
 
-    from .corpus import prepare_corpus
-    from .model import apply_lora, load_base_model, load_tokenizer, resolve_model_source
-    from .train import continued_pretrain
+    from .data.corpus import prepare_corpus
+    from .model.load import load_base_model, load_tokenizer, resolve_model_source
+    from .model.lora import apply_lora
+    from .train.pretrain import continued_pretrain
 
     config.check()
     m = config.model
@@ -52,7 +53,7 @@ def run(config: RunConfig) -> TrainResult:
         model, tokenizer, corpus, config.train, eval_config=config.eval, run_config=config
     )
     if config.merge.enabled and result.stopped is None:
-        from .merge import merge_run
+        from .export.merge import merge_run
 
         del model  # the merge reloads the base in 16-bit; free the 4-bit copy first
         merge_run(result.output_dir, output_dir=config.merge.output_dir, dtype=config.merge.dtype)

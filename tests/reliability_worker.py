@@ -9,9 +9,10 @@ import torch
 from datasets import Dataset
 
 from lora_dapt import AdapterConfig, EvalConfig, TrainConfig
-from lora_dapt.model import apply_lora, load_base_model
-from lora_dapt.packing import pack_documents
-from lora_dapt.train import continued_pretrain
+from lora_dapt.data.packing import pack_documents
+from lora_dapt.model.load import load_base_model
+from lora_dapt.model.lora import apply_lora
+from lora_dapt.train.pretrain import continued_pretrain
 from tests.conftest import make_text
 
 MAX_STEPS = 16

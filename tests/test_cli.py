@@ -10,8 +10,9 @@ import yaml
 from PIL import Image
 
 from lora_dapt import EvalConfig, RunConfig, TrainConfig
-from lora_dapt.cli import main
-from lora_dapt.model import apply_lora, load_base_model
+from lora_dapt.cli.main import main
+from lora_dapt.model.load import load_base_model
+from lora_dapt.model.lora import apply_lora
 
 from .conftest import make_text
 
@@ -114,7 +115,7 @@ def test_forgetting_budget_stops_the_run(tiny_model_dir, tmp_path):
     """Train hard on one domain sentence; general text (other words) gets worse; the budget stops the run."""
     from datasets import Dataset
 
-    from lora_dapt.packing import pack_documents
+    from lora_dapt.data.packing import pack_documents
 
     model, tok = load_base_model(tiny_model_dir, quantization="nf4")
     model = apply_lora(model, r=8, alpha=16, dropout=0.0)
@@ -131,7 +132,7 @@ def test_forgetting_budget_stops_the_run(tiny_model_dir, tmp_path):
         eval_every=2,
         scheduler="constant",
     )
-    from lora_dapt.train import continued_pretrain
+    from lora_dapt.train.pretrain import continued_pretrain
 
     result = continued_pretrain(
         model, tok, ds, cfg, eval_config=EvalConfig(max_general_ppl_increase=0.05), general_texts=general

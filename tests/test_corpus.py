@@ -12,11 +12,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_dapt import corpus as corpus_mod
 from lora_dapt.config import DataConfig
-from lora_dapt.corpus import Corpus, CorpusStats, format_stats, prepare_corpus, resolve_special_tokens
+from lora_dapt.data import sources as corpus_mod
+from lora_dapt.data.corpus import Corpus, CorpusStats, format_stats, prepare_corpus, resolve_special_tokens
+from lora_dapt.data.packing import IGNORE_INDEX, segment_ids
 from lora_dapt.errors import DataError
-from lora_dapt.packing import IGNORE_INDEX, segment_ids
 
 from .conftest import make_text
 
@@ -436,7 +436,9 @@ def test_gaps_left_by_long_documents_are_filled_and_counted(tmp_path, tiny_token
     # every cut starts a segment whose first token is an input but not a target: the count is exact
     targets = sum(sum(1 for x in row if x != IGNORE_INDEX) for row in filled.train["labels"])
     assert targets == s.train_tokens - s.train_documents - s.continuation_pieces - s.gap_fill_cuts
-    monkeypatch.setattr("lora_dapt.packing._fill_gaps", lambda bins, *a: bins)  # plain best-fit decreasing
+    monkeypatch.setattr(
+        "lora_dapt.data.packing._fill_gaps", lambda bins, *a: bins
+    )  # plain best-fit decreasing
     plain = prepare("plain")
     assert plain.stats.gap_fill_cuts == 0 and plain.stats.train_tokens == s.train_tokens
     assert s.padding_tokens < plain.stats.padding_tokens and s.train_blocks < plain.stats.train_blocks

@@ -9,20 +9,19 @@ import torch
 
 from lora_dapt.config import AdapterConfig
 from lora_dapt.errors import DataError
-from lora_dapt.evaluate import (
+from lora_dapt.evaluate.forgetting import forgetting_report, format_forgetting, general_texts
+from lora_dapt.evaluate.generate import generate_samples
+from lora_dapt.evaluate.score import (
     EvalResult,
     bits_per_byte,
     evaluate_blocks,
     evaluate_texts,
-    forgetting_report,
-    format_forgetting,
-    general_texts,
-    generate_samples,
-    peak_memory_bytes,
     perplexity,
     sliding_windows,
 )
-from lora_dapt.model import apply_lora, load_base_model
+from lora_dapt.model.load import load_base_model
+from lora_dapt.model.lora import apply_lora
+from lora_dapt.plan.memory import peak_memory_bytes
 
 from .conftest import make_text
 

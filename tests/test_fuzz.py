@@ -53,7 +53,7 @@ def test_config_dicts_raise_only_config_errors(data):
     seq_len=st.integers(2, 64),
 )
 def test_random_corpus_files_never_crash(tiny_tokenizer, tmp_path_factory, files, seq_len):
-    from lora_dapt.corpus import prepare_corpus
+    from lora_dapt.data.corpus import prepare_corpus
 
     d = tmp_path_factory.mktemp("fuzz")
     for i, (ext, content) in enumerate(files):

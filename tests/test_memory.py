@@ -8,23 +8,16 @@ import pytest
 
 from lora_dapt.config import AdapterConfig
 from lora_dapt.errors import ConfigError, ModelLoadError
-from lora_dapt.memory import (
-    KNOWN_MODELS,
-    GiB,
-    estimate_memory,
-    format_plan,
-    model_shape,
-    parse_memory,
-    plan,
-    plan_command,
-    tensor_bytes,
-)
+from lora_dapt.plan.cli import format_plan, plan_command
+from lora_dapt.plan.memory import GiB, estimate_memory, parse_memory, plan, tensor_bytes
+from lora_dapt.plan.shapes import KNOWN_MODELS, model_shape
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8", None])
 def test_weights_and_adapter_match_the_loaded_model(tiny_model_dir, quantization):
     """Estimated base + adapter bytes within 15% of the real tensors (4-bit packing and quant states included)."""
-    from lora_dapt.model import apply_lora, load_base_model
+    from lora_dapt.model.load import load_base_model
+    from lora_dapt.model.lora import apply_lora
 
     model, _ = load_base_model(tiny_model_dir, quantization=quantization, device="cpu")
     adapter = AdapterConfig(r=8, gradient_checkpointing=False)

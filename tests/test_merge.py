@@ -13,11 +13,12 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_dapt import merge as merge_mod
 from lora_dapt.config import AdapterConfig
 from lora_dapt.errors import MergeError
-from lora_dapt.merge import REPORT_NAME, merge_adapter, merge_run
-from lora_dapt.model import apply_lora, load_base_model
+from lora_dapt.export import merge as merge_mod
+from lora_dapt.export.merge import REPORT_NAME, merge_adapter, merge_run
+from lora_dapt.model.load import load_base_model
+from lora_dapt.model.lora import apply_lora
 
 from .conftest import build_tokenizer, make_text
 

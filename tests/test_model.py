@@ -7,7 +7,8 @@ import torch
 
 from lora_dapt import AdapterConfig
 from lora_dapt.errors import ConfigError, ModelLoadError
-from lora_dapt.model import apply_lora, count_parameters, fix_tokenizer, load_base_model, tied_embeddings
+from lora_dapt.model.load import fix_tokenizer, load_base_model
+from lora_dapt.model.lora import apply_lora, count_parameters, tied_embeddings
 
 
 def test_nf4_load_quantizes_linears_and_sets_pad(tiny_model_dir):
@@ -150,7 +151,7 @@ def _lora_grad(model_dir, *, eval_before: str | None, loader: str = "lora_dapt")
     model = apply_lora(model, AdapterConfig(r=4, dropout=0.0, init_lora_weights=False))
     if eval_before == "adapter":
         evaluate(model)
-    from lora_dapt.model import keep_4bit_trainable
+    from lora_dapt.model.bnb import keep_4bit_trainable
 
     keep_4bit_trainable(model)  # what continued_pretrain does first
     model.train()
@@ -202,7 +203,7 @@ def _twin_models(model_dir, **load):
 def test_default_attention_is_packed_sdpa_and_not_saved(tiny_model_dir, tmp_path):
     import json
 
-    from lora_dapt.model import PACKED_SDPA
+    from lora_dapt.model.attention import PACKED_SDPA
 
     ours, theirs = _twin_models(tiny_model_dir)
     assert ours.config._attn_implementation == PACKED_SDPA
@@ -213,7 +214,7 @@ def test_default_attention_is_packed_sdpa_and_not_saved(tiny_model_dir, tmp_path
 
 
 def test_packed_sdpa_equals_masked_sdpa_forward_and_backward(tiny_model_dir, monkeypatch):
-    import lora_dapt.model as model_mod
+    import lora_dapt.model.attention as model_mod
 
     ours, theirs = _twin_models(tiny_model_dir)
     calls = []
@@ -244,7 +245,7 @@ def test_packed_sdpa_equals_masked_sdpa_forward_and_backward(tiny_model_dir, mon
 
 
 def test_packed_sdpa_leaves_other_masks_to_transformers(tiny_model_dir, monkeypatch):
-    import lora_dapt.model as model_mod
+    import lora_dapt.model.attention as model_mod
 
     ours, theirs = _twin_models(tiny_model_dir)
     ours.eval(), theirs.eval()
@@ -272,7 +273,7 @@ def test_packed_sdpa_leaves_other_masks_to_transformers(tiny_model_dir, monkeypa
 def test_packed_sdpa_keeps_a_sliding_window(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
-    from lora_dapt.model import use_packed_sdpa
+    from lora_dapt.model.attention import use_packed_sdpa
 
     cfg = dict(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -299,7 +300,7 @@ def test_packed_sdpa_keeps_a_sliding_window(tmp_path):
 
 
 def test_cpu_dropout_keeps_the_distribution_and_the_seed():
-    from lora_dapt.model import CPUDropout
+    from lora_dapt.model.lora import CPUDropout
 
     drop = CPUDropout(0.1)
     x = torch.ones(400, 1000, requires_grad=True)
@@ -322,7 +323,7 @@ def test_cpu_dropout_keeps_the_distribution_and_the_seed():
 
 
 def test_training_swaps_lora_dropout_on_cpu(tiny_model_dir):
-    from lora_dapt.model import CPUDropout, use_cpu_dropout
+    from lora_dapt.model.lora import CPUDropout, use_cpu_dropout
 
     model, _ = load_base_model(tiny_model_dir, quantization="nf4")
     model = apply_lora(model, AdapterConfig(r=4, dropout=0.1))

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.masking_utils import find_packed_sequence_indices
 
-from lora_dapt import packing
-from lora_dapt.packing import IGNORE_INDEX, pack_documents, plan_blocks, segment_ids
+from lora_dapt.data import packing
+from lora_dapt.data.packing import IGNORE_INDEX, pack_documents, plan_blocks, segment_ids
 
 
 def test_docstring_examples_hold():

@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 
 from lora_dapt import RunConfig
+from lora_dapt.cli.quickstart import INSTALL_HINT, module_docstrings, python_docs_corpus, smollm2_gguf
 from lora_dapt.errors import ModelLoadError
-from lora_dapt.quickstart import INSTALL_HINT, module_docstrings, python_docs_corpus, smollm2_gguf
 
 
 def test_missing_model_package_names_the_install_command(monkeypatch):
@@ -53,7 +53,7 @@ def test_example_configs_parse():
 def test_quickstart_end_to_end(tmp_path):
     """The README's first command, measured: >=10% lower domain ppl, general ppl up <=3%, under 10 minutes."""
     pytest.importorskip("gguf")
-    from lora_dapt.quickstart import quickstart
+    from lora_dapt.cli.quickstart import quickstart
 
     result = quickstart(tmp_path / "qs")
     s = result.summary

@@ -17,10 +17,12 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from lora_dapt import AdapterConfig, EvalConfig, TrainConfig
+from lora_dapt.data.packing import pack_documents
 from lora_dapt.errors import ModelLoadError, TrainingError
-from lora_dapt.model import apply_lora, load_adapter, load_base_model
-from lora_dapt.packing import pack_documents
-from lora_dapt.train import COMPLETE_MARKER, continued_pretrain, find_resume_checkpoint
+from lora_dapt.model.load import load_base_model
+from lora_dapt.model.lora import apply_lora, load_adapter
+from lora_dapt.rundir import COMPLETE_MARKER, find_resume_checkpoint
+from lora_dapt.train.pretrain import continued_pretrain
 
 from .conftest import make_text
 from .reliability_worker import MAX_STEPS
@@ -238,7 +240,7 @@ def test_out_of_memory_becomes_advice(tiny_model_dir, tmp_path):
 def test_full_disk_is_refused_before_training(tiny_model_dir, tmp_path, monkeypatch):
     import shutil
 
-    import lora_dapt.train as train_mod
+    import lora_dapt.rundir as train_mod
 
     model, tok = _model(tiny_model_dir)
     monkeypatch.setattr(

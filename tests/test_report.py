@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from lora_dapt.errors import LoraDaptError
-from lora_dapt.evaluate import EvalResult, forgetting_report
-from lora_dapt.report import RunDirError, load_metrics, write_report
+from lora_dapt.evaluate.forgetting import forgetting_report
+from lora_dapt.evaluate.report import RunDirError, load_metrics, write_report
+from lora_dapt.evaluate.score import EvalResult
 
 
 def _eval_row(phase: str, split: str, step: int, tokens: int, loss: float) -> dict:
@@ -162,7 +163,7 @@ def test_missing_run_dir_and_empty_run_dir(tmp_path):
 
 def test_eval_rows_are_placed_at_the_tokens_trained_at_their_step():
     """Eval rows carry EvalResult's "tokens" (tokens scored), so their x comes from step and train rows."""
-    from lora_dapt.report import _eval_x
+    from lora_dapt.evaluate.report import _eval_x
 
     train = [{"step": s, "tokens": 100 * s} for s in range(2, 11, 2)]  # logged every 2 steps
     assert _eval_x({"phase": "during", "step": 4, "tokens": 12}, train, None) == 400

@@ -13,23 +13,23 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from lora_dapt import AdapterConfig, EvalConfig, MergeConfig, ModelConfig, RunConfig, SFTConfig, TrainConfig
-from lora_dapt.errors import ConfigError, DataError
-from lora_dapt.merge import REPORT_NAME, merge_run
-from lora_dapt.model import apply_lora, load_base_model, load_tokenizer
-from lora_dapt.packing import pack_documents
-from lora_dapt.sft import (
+from lora_dapt.data.chat import (
     DEFAULT_CHAT_TEMPLATE,
     chat_prompt,
     detect_format,
     ensure_chat_template,
-    generate_chat,
     load_conversations,
     prepare_sft_data,
-    sft,
-    sft_from_config,
     tokenize_conversation,
 )
-from lora_dapt.train import continued_pretrain
+from lora_dapt.data.packing import pack_documents
+from lora_dapt.errors import ConfigError, DataError
+from lora_dapt.evaluate.generate import generate_chat
+from lora_dapt.export.merge import REPORT_NAME, merge_run
+from lora_dapt.model.load import load_base_model, load_tokenizer
+from lora_dapt.model.lora import apply_lora
+from lora_dapt.train.pretrain import continued_pretrain
+from lora_dapt.train.sft import sft, sft_from_config
 
 from .conftest import make_text
 

@@ -9,10 +9,13 @@ import torch
 from datasets import Dataset
 
 from lora_dapt import AdapterConfig, EvalConfig, TrainConfig
+from lora_dapt.data.packing import pack_documents
 from lora_dapt.errors import DataError, TrainingError
-from lora_dapt.model import apply_lora, load_adapter, load_base_model
-from lora_dapt.packing import pack_documents
-from lora_dapt.train import causal_lm_loss_sum, continued_pretrain, lr_factor, total_optimizer_steps
+from lora_dapt.model.load import load_base_model
+from lora_dapt.model.lora import apply_lora, load_adapter
+from lora_dapt.model.loss import causal_lm_loss_sum
+from lora_dapt.train.pretrain import continued_pretrain
+from lora_dapt.train.schedule import lr_factor, total_optimizer_steps
 
 from .conftest import make_text
 
@@ -55,7 +58,7 @@ def test_total_steps_from_steps_epochs_tokens():
 
 
 def test_chunked_loss_equals_model_loss(tiny_model_dir, monkeypatch):
-    import lora_dapt.train as train_mod
+    import lora_dapt.model.loss as train_mod
 
     model, tok = qlora(tiny_model_dir, init_lora_weights=False)
     ds = blocks(tok, [make_text(30, s) for s in range(4)], seq_len=48)
@@ -262,7 +265,7 @@ def test_fresh_run_in_old_directory_replaces_old_checkpoints(tiny_model_dir, tmp
 @pytest.mark.parametrize("chunked", [False, True])
 def test_frozen_head_loss_gradients_equal_autograd(tiny_model_dir, monkeypatch, chunked):
     """The frozen-head loss computes d(loss)/d(hidden) in the forward pass; it must equal autograd's."""
-    import lora_dapt.train as train_mod
+    import lora_dapt.model.loss as train_mod
 
     model, tok = qlora(tiny_model_dir, init_lora_weights=False)
     ds = blocks(tok, [make_text(30, s) for s in range(4)], seq_len=48)
@@ -295,7 +298,7 @@ def test_frozen_head_loss_gradients_equal_autograd(tiny_model_dir, monkeypatch, 
 
 
 def test_trainable_head_takes_the_autograd_loss(tiny_model_dir):
-    from lora_dapt.train import _frozen_linear_head
+    from lora_dapt.model.loss import _frozen_linear_head
 
     model, _ = qlora(tiny_model_dir)
     head = model.get_base_model().get_output_embeddings()

@@ -53,6 +53,7 @@ import numpy as np
 IGNORE_INDEX = -100
 """Label value the loss ignores (PyTorch cross-entropy's ``ignore_index``)."""
 
+
 Piece = tuple[int, int, int]
 """(document index, start, end): tokens ``doc[start:end]`` of one document."""
 

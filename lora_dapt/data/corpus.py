@@ -33,9 +33,7 @@ Design choices and their trade-offs:
 from __future__ import annotations
 
 import codecs
-import csv
 import dataclasses
-import glob as globlib
 import hashlib
 import itertools
 import json
@@ -43,14 +41,9 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
-import sys
 import time
-import unicodedata
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,42 +52,27 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
+from ..config import DataConfig
+from ..errors import DataError
 from . import packing
-from .config import DataConfig
-from .errors import DataError
+from .clean import _select_documents, _split, _Tally
+from .sources import Source, _as_list, _count_replace, _is_texts, _read_sources, _resolve
 
 log = logging.getLogger("lora_dapt")
 
-TEXT_EXTENSIONS = (".txt", ".md", ".rst")
-"""Read whole, one document per file."""
-TABLE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
-"""One document per row, from the column ``DataConfig.text_field``."""
 
-Source = str | os.PathLike | datasets.Dataset | datasets.IterableDataset | Sequence[str]
-"""A path, glob or directory; a ``datasets`` dataset; or a list/tuple of document texts."""
-
-_PART_CHARS = 1 << 20  # a document longer than this many characters is cut (at a line break) into parts
-_READ_BYTES = 1 << 22  # text files are read in chunks of this many bytes
 _TOKENIZE_BATCH = 256  # documents per tokenizer call (parts are <= 1M chars, so <= ~256 MB per batch)
+
+
 _PACK_BATCH = 2048  # pieces (<= seq_len tokens each) per packing batch
+
+
 _EVAL_DOCS_CHARS = 5_000_000  # cap on Corpus.eval_documents
+
+
 _VERSION = "2"  # bump when the output of the pipeline changes for the same inputs
 
-# Row schema of the documents table; report rows have status != "ok" and no text.
-_DOC_FEATURES = datasets.Features(
-    {
-        "text": datasets.Value("string"),
-        "source": datasets.Value("string"),
-        "group": datasets.Value("string"),
-        "part": datasets.Value("int32"),
-        "last": datasets.Value("bool"),
-        "status": datasets.Value("string"),
-        "note": datasets.Value("string"),
-        "count": datasets.Value("int64"),
-        "chars": datasets.Value("int64"),
-        "hash": datasets.Value("binary"),
-    }
-)
+
 _PIECE_FEATURES = datasets.Features(
     {
         "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -103,7 +81,10 @@ _PIECE_FEATURES = datasets.Features(
         "cut": datasets.Value("bool"),  # the document was cut into several pieces (gap filling may cut more)
     }
 )
+
+
 _BLOCK_COLUMNS = ("input_ids", "position_ids", "labels")
+
 
 # Problem kinds that concern files or rows (not documents dropped by cleaning), with a readable label.
 _PROBLEMS = {
@@ -116,6 +97,8 @@ _PROBLEMS = {
     "undecodable": "files with undecodable bytes (replaced by U+FFFD, kept)",
     "split": "documents longer than 1M characters (cut into parts, kept)",
 }
+
+
 _DROPS = {
     "empty": "empty",
     "too_short": "shorter than min_chars",
@@ -123,11 +106,6 @@ _DROPS = {
     "near_duplicate": "near duplicates",
     "in_eval": "identical to an eval document",
 }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -260,481 +238,7 @@ class Corpus:
     """Texts of the eval split (capped at about 5M characters), for perplexity on raw text."""
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------------------------
-
-_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_TRAILING = re.compile(r"[ \t]+(?=\n)")
-_REPLACED = [0]  # per-process count of bytes replaced by the decoder's error handler
-
-
-def _count_replace(err: UnicodeError) -> tuple[str, int]:
-    assert isinstance(err, UnicodeDecodeError)
-    _REPLACED[0] += 1
-    return "\ufffd", err.end
-
-
 codecs.register_error("lora_dapt_replace", _count_replace)
-
-
-def clean_text(text: str, normalize: bool = True) -> str:
-    """The normalisation applied to every document when ``DataConfig.normalize`` is on.
-
-    NFC unicode, ``\\r\\n``/``\\r`` -> ``\\n``, control characters other than tab/newline removed, trailing
-    spaces of lines removed, leading/trailing blank space of the document removed.
-
-    >>> clean_text("  Cafe\\u0301 \\r\\nline\\x00 two\\t \\n")
-    'Café\\nline two'
-    """
-    if not normalize:
-        return text
-    text = unicodedata.normalize("NFC", text)
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CTRL.sub("", text)
-    # the regex tries every run of spaces (all indentation, in code); most texts have no trailing ones at all
-    if " \n" in text or "\t\n" in text:
-        text = _TRAILING.sub("", text)
-    return text.strip()
-
-
-def _cut_parts(chunks: Iterable[str]) -> Iterator[tuple[str, bool]]:
-    """Re-chunk a stream of text into parts of about _PART_CHARS, cut at a line break (else a space).
-
-    Yields (part, is_last); holds at most ~2 parts in memory.
-    """
-    buf = ""
-    held: str | None = None
-    for chunk in chunks:
-        buf += chunk
-        while len(buf) >= 2 * _PART_CHARS:
-            cut = buf.rfind("\n", _PART_CHARS // 2, _PART_CHARS + 1)
-            if cut < 0:
-                cut = buf.rfind(" ", _PART_CHARS // 2, _PART_CHARS + 1)
-            cut = _PART_CHARS if cut < 0 else cut + 1
-            if held is not None:
-                yield held, False
-            held, buf = buf[:cut], buf[cut:]
-    if held is not None:
-        yield held, not buf
-    if buf or held is None:
-        yield buf, True
-
-
-def _report(source: str, status: str, detail: str = "", count: int = 1) -> dict[str, Any]:
-    return {
-        "text": "",
-        "source": source,
-        "group": source,
-        "part": 0,
-        "last": True,
-        "status": status,
-        "note": detail,
-        "count": count,
-        "chars": 0,
-        "hash": b"",
-    }
-
-
-def _doc(
-    text: str, source: str, group: str, normalize: bool, part: int = 0, last: bool = True
-) -> dict[str, Any]:
-    cleaned = clean_text(text, normalize)
-    return {
-        "text": cleaned,
-        "source": source,
-        "group": group,
-        "part": part,
-        "last": last,
-        "status": "ok",
-        "note": "normalized" if cleaned != text else "",
-        "count": 1,
-        "chars": len(cleaned),
-        "hash": hashlib.blake2b(cleaned.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
-    }
-
-
-def _text_docs(text: str, source: str, group: str, normalize: bool) -> Iterator[dict[str, Any]]:
-    """One document, cut into parts when it is huge."""
-    if len(text) < 2 * _PART_CHARS:
-        yield _doc(text, source, group, normalize)
-        return
-    n = 0
-    for n, (part, last) in enumerate(_cut_parts([text])):  # noqa: B007
-        yield _doc(part, source if n == 0 else f"{source}#{n}", group, normalize, n, last)
-    yield _report(source, "split", f"{n + 1} parts")
-
-
-def _read_text_file(path: str, normalize: bool) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as f:
-        head = f.read(_READ_BYTES)
-        if b"\x00" in head[:8192]:
-            yield _report(path, "binary", "NUL bytes in the first 8 KB")
-            return
-        _REPLACED[0] = 0
-        dec = codecs.getincrementaldecoder("utf-8-sig")(errors="lora_dapt_replace")
-
-        def chunks() -> Iterator[str]:
-            data = head
-            while data:
-                yield dec.decode(data)
-                data = f.read(_READ_BYTES)
-            yield dec.decode(b"", final=True)
-
-        n = 0
-        for n, (part, last) in enumerate(_cut_parts(chunks())):  # noqa: B007
-            yield _doc(part, path if n == 0 else f"{path}#{n}", path, normalize, n, last)
-        if n:
-            yield _report(path, "split", f"{n + 1} parts")
-        if _REPLACED[0]:
-            yield _report(path, "undecodable", f"{_REPLACED[0]} bytes replaced")
-
-
-def _row_text(row: Any, text_field: str) -> str | None:
-    if isinstance(row, str):
-        return row
-    if isinstance(row, dict):
-        value = row.get(text_field)
-        return value if isinstance(value, str) else None
-    return None
-
-
-def _read_rows(
-    rows: Iterable[tuple[str, Any]], path: str, text_field: str, normalize: bool
-) -> Iterator[dict[str, Any]]:
-    bad: list[str] = []
-    n_bad = 0
-    for name, row in rows:
-        text = _row_text(row, text_field)
-        if text is None:
-            n_bad += 1
-            if len(bad) < 3:
-                bad.append(
-                    name if not isinstance(row, dict) else f"{name} (keys: {', '.join(map(str, row))[:80]})"
-                )
-            continue
-        yield from _text_docs(text, name, name, normalize)
-    if n_bad:
-        yield _report(
-            path, "bad_rows", f"{n_bad} rows without a string '{text_field}': {'; '.join(bad)}", n_bad
-        )
-
-
-def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", errors="lora_dapt_replace").strip()
-            if not line:
-                continue
-            try:
-                yield f"{path}:{i}", json.loads(line)
-            except ValueError:
-                yield f"{path}:{i}", None  # counted as a bad row
-
-
-def _json_rows(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8-sig", errors="lora_dapt_replace") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            if "Extra data" in str(e):  # JSON Lines saved as .json
-                yield from _jsonl_rows(path)
-                return
-            raise
-    if isinstance(data, dict):  # {"data": [...]} or a single record
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else [data]
-    if not isinstance(data, list):
-        data = [data]
-    for i, row in enumerate(data):
-        yield f"{path}[{i}]", row
-
-
-def _parquet_rows(path: str, text_field: str) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    if text_field not in pf.schema_arrow.names:
-        yield path, {"columns": pf.schema_arrow.names}  # one bad row naming the columns
-        return
-    i = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            yield f"{path}[{i}]", {text_field: value}
-            i += 1
-
-
-def _csv_rows(path: str) -> Iterator[tuple[str, Any]]:
-    csv.field_size_limit(sys.maxsize)  # huge cells are documents, not errors
-    with open(path, encoding="utf-8-sig", errors="lora_dapt_replace", newline="") as f:
-        for i, row in enumerate(csv.DictReader(f), start=2):
-            yield f"{path}:{i}", row
-
-
-def _read_file(path: str, text_field: str, normalize: bool) -> Iterator[dict[str, Any]]:
-    """Rows (documents and reports) of one file; a file that fails gives a report row, never an exception."""
-    ext = Path(path).suffix.lower()
-    if ext not in TEXT_EXTENSIONS + TABLE_EXTENSIONS:
-        yield _report(path, "unknown_extension", ext or "(none)")
-        return
-    yield _report(path, "file_read", "", 1)
-    try:
-        if ext in TEXT_EXTENSIONS:
-            yield from _read_text_file(path, normalize)
-            return
-        if ext == ".parquet":
-            rows: Iterable[tuple[str, Any]] = _parquet_rows(path, text_field)
-        else:
-            with open(path, "rb") as f:
-                if b"\x00" in f.read(8192):
-                    yield _report(path, "binary", "NUL bytes in the first 8 KB")
-                    return
-            rows = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}[ext](path)
-        yield from _read_rows(rows, path, text_field, normalize)
-    except (OSError, ValueError, csv.Error, RecursionError) as e:
-        yield _report(path, "unreadable", f"{type(e).__name__}: {e}"[:300])
-    except Exception as e:  # pyarrow raises its own types for corrupt parquet files
-        if type(e).__module__.startswith("pyarrow"):
-            yield _report(path, "unreadable", f"{type(e).__name__}: {e}"[:300])
-        else:
-            raise
-
-
-def _resolve(spec: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """Files named by a path, glob or directory (recursive, sorted), and report rows for what was skipped."""
-    reports: list[dict[str, Any]] = []
-    if any(c in spec for c in "*?["):
-        found = sorted(p for p in globlib.glob(spec, recursive=True) if os.path.isfile(p))
-        if not found:
-            reports.append(_report(spec, "not_found", "the glob matched no file"))
-        return found, reports
-    p = Path(spec)
-    if p.is_file():
-        return [str(p)], reports
-    if p.is_dir():
-        files = []
-        for root, dirs, names in os.walk(p):
-            for d in [d for d in dirs if d.startswith(".")]:
-                reports.append(_report(os.path.join(root, d), "hidden", "hidden directory"))
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for n in sorted(names):
-                full = os.path.join(root, n)
-                (
-                    reports.append(_report(full, "hidden", "hidden file"))
-                    if n.startswith(".")
-                    else files.append(full)
-                )
-        return files, reports
-    reports.append(_report(spec, "not_found", "no such file or directory"))
-    return [], reports
-
-
-def _write_rows(path: str, rows: Iterable[dict[str, Any]]) -> None:
-    from datasets.arrow_writer import ArrowWriter
-
-    with ArrowWriter(features=_DOC_FEATURES, path=path, writer_batch_size=1000) as writer:
-        for row in rows:
-            writer.write(row)
-        writer.finalize()
-
-
-def _read_files_job(args: tuple[str, list[str], list[dict[str, Any]], str, bool]) -> str:
-    path, files, reports, text_field, normalize = args
-
-    def rows() -> Iterator[dict[str, Any]]:
-        yield from reports
-        for f in files:
-            yield from _read_file(f, text_field, normalize)
-
-    _write_rows(path, rows())
-    return path
-
-
-def _source_rows(src: Any, name: str, text_field: str, normalize: bool) -> Iterator[dict[str, Any]]:
-    """Rows of an in-memory source: a list of texts, a Dataset or an IterableDataset."""
-    if isinstance(src, (datasets.Dataset, datasets.IterableDataset)):
-        cols = src.column_names
-        if cols is not None and text_field not in cols:
-            yield _report(name, "bad_rows", f"no column '{text_field}' (columns: {', '.join(cols)})")
-            return
-        rows: Iterable[Any] = (
-            r[text_field] if isinstance(r, dict) else r for r in src.select_columns([text_field])
-        )
-    else:
-        rows = src
-    yield from _read_rows(((f"{name}[{i}]", r) for i, r in enumerate(rows)), name, text_field, normalize)
-
-
-def _is_texts(src: Any) -> bool:
-    return isinstance(src, (list, tuple)) and all(isinstance(s, str) for s in src)
-
-
-def _read_sources(
-    sources: Sequence[Any], text_field: str, normalize: bool, work: Path, tag: str, num_proc: int
-) -> datasets.Dataset:
-    """All sources -> one Arrow table of document rows and report rows (memory-mapped, not in RAM)."""
-    files: list[str] = []
-    reports: list[dict[str, Any]] = []
-    memory: list[tuple[str, Any]] = []
-    for i, src in enumerate(sources):
-        if isinstance(src, (str, os.PathLike)):
-            found, rep = _resolve(str(src))
-            files += found
-            reports += rep
-        elif isinstance(src, (datasets.Dataset, datasets.IterableDataset)) or _is_texts(src):
-            kind = "texts" if _is_texts(src) else type(src).__name__
-            memory.append((f"{tag}:{kind}#{i}", src))
-        else:
-            raise DataError(
-                f"{tag} source #{i} is a {type(src).__name__}: give a path, glob or directory, a datasets.Dataset "
-                "or IterableDataset, or a list of document texts"
-            )
-    n_jobs = max(1, min(num_proc, len(files) // 16))
-    shards = [files[j::n_jobs] for j in range(n_jobs)]
-    jobs = [
-        (str(work / f"{tag}-files-{j:05d}.arrow"), shard, reports if j == 0 else [], text_field, normalize)
-        for j, shard in enumerate(shards)
-    ]
-    if n_jobs > 1:
-        with ProcessPoolExecutor(n_jobs) as pool:
-            paths = list(pool.map(_read_files_job, jobs))
-    else:
-        paths = [_read_files_job(jobs[0])]
-    for j, (name, src) in enumerate(memory):
-        path = str(work / f"{tag}-memory-{j:05d}.arrow")
-        _write_rows(path, _source_rows(src, name, text_field, normalize))
-        paths.append(path)
-    return datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in paths])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Cleaning, split
-# --------------------------------------------------------------------------------------------------------------
-
-
-class _Tally:
-    """Counts and up to 10 example names per reason."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.examples: dict[str, list[str]] = {}
-
-    def add(self, reason: str, name: str, n: int = 1) -> None:
-        self.counts[reason] += n
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < 10:
-            ex.append(name)
-
-
-def _shingles(text: str, k: int = 5) -> list[bytes]:
-    words = text.split()
-    if len(words) <= k:
-        return [" ".join(words).encode()]
-    return [" ".join(words[i : i + k]).encode() for i in range(len(words) - k + 1)]
-
-
-def _select_documents(
-    docs: datasets.Dataset, cfg: DataConfig, tally: _Tally, drop_hashes: set[bytes] | None = None
-) -> tuple[list[int], int]:
-    """Indices of the document rows that survive cleaning, in order; counts every drop and report.
-
-    Returns (kept indices, number of documents read). ``drop_hashes``: documents with these hashes are
-    dropped as ``in_eval`` (training documents identical to an explicit eval document).
-    """
-    cols = docs.select_columns(["status", "count", "chars", "source", "text", "hash", "note"]).data
-    status = cols.column("status").to_pylist()
-    count = cols.column("count").to_pylist()
-    chars = np.asarray(cols.column("chars").to_numpy())
-    notes = cols.column("note").to_pylist()
-    hashes = cols.column("hash").to_pylist()
-    sources = cols.column("source").to_pylist()
-    seen: set[bytes] = set()
-    kept: list[int] = []
-    n_read = 0
-    empty = set()
-    for i, st in enumerate(status):
-        if st != "ok":
-            name = f"{sources[i]} ({notes[i]})" if st in ("bad_rows", "unreadable") else sources[i]
-            tally.add(st, name if st != "file_read" else "", count[i])
-            continue
-        n_read += 1
-        if notes[i] == "normalized":
-            tally.counts["normalized"] += 1
-        if chars[i] == 0:
-            empty.add(i)
-            tally.add("empty", sources[i])
-        elif chars[i] < cfg.min_chars:
-            tally.add("too_short", sources[i])
-        elif drop_hashes is not None and hashes[i] in drop_hashes:
-            tally.add("in_eval", sources[i])
-        elif cfg.dedupe and hashes[i] in seen:
-            tally.add("duplicate", sources[i])
-        else:
-            seen.add(hashes[i])
-            kept.append(i)
-    # a whitespace-only document is empty too (chars counts the cleaned text; without normalisation it may
-    # be all blanks)
-    if not cfg.normalize:
-        texts = cols.column("text")
-        still = []
-        for i in kept:
-            if not texts[i].as_py().strip():
-                tally.add("empty", sources[i])
-            else:
-                still.append(i)
-        kept = still
-    if cfg.near_dedupe and kept:
-        kept = _near_dedupe(docs, kept, cfg.near_dedupe_threshold, tally)
-    return kept, n_read
-
-
-def _near_dedupe(docs: datasets.Dataset, kept: list[int], threshold: float, tally: _Tally) -> list[int]:
-    from datasketch import MinHash, MinHashLSH
-    from tqdm.auto import tqdm
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=128)
-    out = []
-    texts = docs.data.column("text")
-    sources = docs.data.column("source")
-    for i in tqdm(kept, desc="near-duplicates", unit="doc", disable=len(kept) < 1000):
-        m = MinHash(num_perm=128, seed=1)
-        m.update_batch(_shingles(texts[i].as_py()))
-        if lsh.query(m):
-            tally.add("near_duplicate", sources[i].as_py())
-            continue
-        lsh.insert(str(i), m)
-        out.append(i)
-    return out
-
-
-def _split(
-    docs: datasets.Dataset, kept: list[int], fraction: float, seed: int
-) -> tuple[list[int], list[int]]:
-    """Hold out whole documents: all rows of a group (a file's parts) go to the same side."""
-    groups = docs.data.column("group")
-    order: dict[str, int] = {}
-    for i in kept:
-        order.setdefault(groups[i].as_py(), len(order))
-    n = len(order)
-    n_eval = round(fraction * n)
-    if fraction > 0 and n >= 2:
-        n_eval = min(max(n_eval, 1), n - 1)
-    elif fraction > 0:
-        log.warning("only one document: nothing held out for evaluation (add documents or eval_sources)")
-        n_eval = 0
-    ids = list(range(n))
-    random.Random(seed).shuffle(ids)
-    held = set(ids[:n_eval])
-    train, ev = [], []
-    for i in kept:
-        (ev if order[groups[i].as_py()] in held else train).append(i)
-    return train, ev
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Tokenize, pack
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -961,11 +465,6 @@ def _select_replay(pieces: datasets.Dataset, target: int) -> tuple[datasets.Data
     return chosen, target, len(np.unique(docs[: k + 1]))
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------------------------------------------
-
-
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -1028,14 +527,6 @@ def resolve_special_tokens(tokenizer: Any, cfg: DataConfig) -> tuple[int | None,
     if cfg.add_eos and eos_id is None:
         log.warning("the tokenizer has no EOS token: documents are packed without an end marker")
     return (bos_id if use_bos else None), (eos_id if cfg.add_eos else None)
-
-
-def _as_list(sources: Any) -> list[Any]:
-    if sources is None:
-        return []
-    if isinstance(sources, (str, os.PathLike, datasets.Dataset, datasets.IterableDataset)):
-        return [sources]
-    return list(sources)
 
 
 def _short(sources: Sequence[Any]) -> str:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import LoraDaptError
+from ..errors import LoraDaptError
 
 EPILOG = """\
 examples:
@@ -40,7 +40,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load_config(args: argparse.Namespace, *, check: bool = True):
-    from .config import RunConfig
+    from ..config import RunConfig
 
     return RunConfig.from_yaml(args.config, overrides=args.set, check=check)
 
@@ -49,14 +49,14 @@ def _print_result(result) -> int:
     """A finished run's summary (without the per-split details) and its before -> after table."""
     print(json.dumps({k: v for k, v in result.to_dict().items() if k not in ("before", "after")}, indent=2))
     if result.forgetting:
-        from .evaluate import format_forgetting
+        from ..evaluate.forgetting import format_forgetting
 
         print(format_forgetting(result.forgetting))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .pipeline import run
+    from ..pipeline import run
 
     cfg = _load_config(args)
     result = run(cfg)
@@ -64,8 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .corpus import format_stats, prepare_corpus
-    from .model import load_tokenizer, resolve_model_source
+    from ..data.corpus import format_stats, prepare_corpus
+    from ..model.load import load_tokenizer, resolve_model_source
 
     cfg = _load_config(args)
     tok = load_tokenizer(resolve_model_source(cfg.model.name_or_path, cfg.model.gguf_file))
@@ -75,8 +75,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from .config import RunConfig
-    from .sft import sft_from_config
+    from ..config import RunConfig
+    from ..train.sft import sft_from_config
 
     # check=False: an SFT-only file has no data.sources; sft_from_config checks what it uses
     result = sft_from_config(RunConfig.from_yaml(args.config, overrides=args.set, check=False))
@@ -84,7 +84,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .memory import plan_command
+    from ..plan.cli import plan_command
 
     return plan_command(args)
 
@@ -98,14 +98,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import describe_config
+    from ..config import describe_config
 
     print(describe_config())
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from ..evaluate.report import write_report
 
     path = write_report(args.run_dir)
     print(f"report written: {path}")
@@ -113,9 +113,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .config import RunConfig
-    from .evaluate import evaluate_texts, general_texts, read_text_sources
-    from .model import load_adapter, load_base_model
+    from ..config import RunConfig
+    from ..evaluate.forgetting import general_texts
+    from ..evaluate.score import evaluate_texts, read_text_sources
+    from ..model.load import load_base_model
+    from ..model.lora import load_adapter
 
     target = Path(args.target)
     texts: list[str] = read_text_sources(args.texts) if args.texts else []
@@ -160,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_run
+    from ..export.merge import merge_run
 
     out = merge_run(
         args.run_dir,
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
         if name == "plan":
-            from .memory import add_plan_arguments
+            from ..plan.cli import add_plan_arguments
 
             add_plan_arguments(p)
         if name == "quickstart":

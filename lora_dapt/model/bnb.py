@@ -1,0 +1,97 @@
+"""model.bnb (split from merge, model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, MergeError, ModelLoadError, TrainingError
+
+
+def quantization_config(
+    quantization: str | None, compute_dtype: torch.dtype, *, double_quant: bool = True
+) -> Any | None:
+    """A transformers ``BitsAndBytesConfig`` for 'nf4' | 'fp4' | 'int8', or None for 16-bit."""
+    if quantization in (None, "none"):
+        return None
+    if quantization not in ("nf4", "fp4", "int8"):
+        raise ConfigError(f"quantization = {quantization!r}: use 'nf4', 'fp4', 'int8' or None")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(
+            f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes (or use quantization=None)"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def keep_4bit_trainable(model: Any) -> int:
+    """Keep bitsandbytes 4-bit layers on the CPU in a layout that gradients flow through.
+
+    bitsandbytes (0.49+) on CPUs with AVX512-BF16 repacks a Linear4bit's weight into an inference-only layout
+    on its first eval-mode, no-grad forward (an evaluation, a generate()). The kernel it uses from then on
+    has no backward, so after any evaluation the gradient stops at every frozen 4-bit layer and LoRA trains
+    on silently wrong gradients (measured on the tiny test model: the first layer's LoRA gradient was off by
+    more than its own size). We switch that repacking off per layer (an instance setting of Linear4bit);
+    inference on the CPU is then a little slower. :func:`load_base_model` does this before the first forward.
+    A layer repacked already cannot be restored exactly (bitsandbytes' inverse rounds the scales and the
+    gradients stay visibly off), so a model in that state is refused with the fix.
+
+    Returns the number of layers switched.
+    """
+    switched = repacked = 0
+    for module in model.modules():
+        if type(module).__name__ != "Linear4bit":
+            continue
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+        state = getattr(module.weight, "quant_state", None)
+        repacked += bool(state is not None and getattr(state, "packing_format_for_cpu", False))
+    if repacked:
+        raise TrainingError(
+            f"{repacked} 4-bit layers of this model were repacked by bitsandbytes for CPU inference (it was "
+            "evaluated or generated from before training), and that layout passes no gradient. Load the model "
+            "again with lora_dapt.load_base_model, which prevents the repacking, then evaluate and train it."
+        )
+    return switched
+
+
+def _quantized_linears(model: Any) -> dict[str, torch.nn.Module]:
+    """bitsandbytes 4-bit/8-bit linear layers by module name."""
+    return {n: m for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+
+
+@torch.no_grad()
+def _load_dequantized(peft_model: Any, quantized: dict[str, torch.nn.Module]) -> int:
+    """Overwrite the 16-bit weights under ``peft_model`` with the dequantized 4-bit/8-bit ones, in place.
+
+    The peft wrappers keep the base layer at ``<name>.base_layer``, so we copy into that layer's weight; the
+    values are what the 4-bit forward pass multiplied with during training.
+    """
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    inner = peft_model.get_base_model()
+    modules = dict(inner.named_modules())
+    done = 0
+    for name, qmod in quantized.items():
+        if getattr(qmod.weight.quant_state, "packing_format_for_cpu", False):
+            raise MergeError(f"cannot dequantize {name}: bitsandbytes repacked it for its CPU kernel")
+        target = modules.get(f"{name}.base_layer", modules.get(name))
+        if target is None or not hasattr(target, "weight"):
+            raise MergeError(f"cannot dequantize {name}: the 16-bit model has no matching layer")
+        w = dequantize_bnb_weight(qmod.weight, state=getattr(qmod, "state", None))
+        target.weight.data.copy_(w.to(target.weight.dtype).reshape(target.weight.shape))
+        done += 1
+    return done

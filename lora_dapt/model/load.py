@@ -1,0 +1,275 @@
+"""Loading the base model (4-bit, 8-bit or 16-bit; local directories and GGUF files) and attaching LoRA.
+
+This is the only module that imports bitsandbytes, and it does so lazily.
+
+GGUF files: transformers can read them but refuses to combine them with bitsandbytes quantization. We
+dequantize the GGUF once into a safetensors checkpoint in a cache directory (keyed by the file's path, size
+and mtime), drop the GGUF ``quantization_config``, and load that checkpoint like any other directory. The
+same cache serves the 16-bit reload at merge time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, ModelLoadError
+from .attention import pick_attention, use_packed_sdpa
+from .bnb import keep_4bit_trainable, quantization_config
+
+log = logging.getLogger("lora_dapt")
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda:0 when available, else cpu. Explicit 'cuda' without CUDA is an error."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device = {device!r}: CUDA is not available here; use 'auto' or 'cpu'")
+    return dev
+
+
+def resolve_compute_dtype(
+    compute_dtype: str | torch.dtype = "auto", device: torch.device | None = None
+) -> torch.dtype:
+    """'auto': bfloat16 on CUDA cards that support it, float16 on older cards, float32 on CPU.
+
+    On the CPU float32 is the fastest choice on most machines (bf16 matmuls are emulated without AVX512-BF16
+    or AMX), and bitsandbytes' CPU 4-bit kernels accept it.
+    """
+    if isinstance(compute_dtype, torch.dtype):
+        return compute_dtype
+    if compute_dtype != "auto":
+        if compute_dtype not in _DTYPES:
+            raise ConfigError(
+                f"compute_dtype = {compute_dtype!r}: use 'auto', 'bfloat16', 'float16' or 'float32'"
+            )
+        return _DTYPES[compute_dtype]
+    device = device or resolve_device("auto")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def fix_tokenizer(tokenizer: Any) -> Any:
+    """Give the tokenizer a pad token without making EOS unlearnable.
+
+    Preference: an existing pad token; else a dedicated special token the vocabulary already has (``<pad>``,
+    ``<|pad|>``, ``<|finetune_right_pad_id|>``, the unk token) so that pad != eos; else eos itself. Using eos as
+    pad is safe here because lora_dapt builds labels from positions, never by masking every pad-token id (the
+    bug that stops models from learning to end, trl #1623). The choice is recorded on the tokenizer as
+    ``lora_dapt_pad_source``.
+    """
+    if tokenizer.pad_token_id is not None:
+        tokenizer.lora_dapt_pad_source = "tokenizer"
+        return tokenizer
+    vocab = tokenizer.get_vocab()
+    for cand in ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|finetune_right_pad|>"):
+        if cand in vocab and vocab[cand] != tokenizer.eos_token_id:
+            tokenizer.pad_token = cand
+            tokenizer.lora_dapt_pad_source = cand
+            return tokenizer
+    if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+        tokenizer.lora_dapt_pad_source = "unk"
+        return tokenizer
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(
+            "the tokenizer has neither a pad, unk nor eos token; add one, e.g. "
+            "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the model's embeddings"
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.lora_dapt_pad_source = "eos"
+    return tokenizer
+
+
+def load_tokenizer(
+    name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {name_or_path!s}: {e}") from None
+    return fix_tokenizer(tok)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LORA_DAPT_CACHE", Path.home() / ".cache" / "lora_dapt"))
+
+
+def gguf_to_checkpoint(directory: str | Path, gguf_file: str, *, cache_dir: str | Path | None = None) -> Path:
+    """Dequantize ``directory/gguf_file`` once into a safetensors checkpoint; return its directory.
+
+    The checkpoint (config without the GGUF quantization_config, weights, tokenizer) is cached under
+    ``$LORA_DAPT_CACHE`` (default ``~/.cache/lora_dapt``) keyed by the file's path, size and mtime, so later
+    loads (and the 16-bit reload at merge time) skip the dequantization.
+    """
+    from transformers import AutoModelForCausalLM
+
+    src = Path(directory) / gguf_file
+    if not src.is_file():
+        raise ModelLoadError(f"GGUF file not found: {src} (check model.name_or_path and model.gguf_file)")
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = Path(cache_dir or _cache_root() / "gguf") / f"{src.stem}-{key}"
+    if (out / ".complete").is_file():
+        return out
+    log.info("dequantizing GGUF %s into %s (once; cached)", src, out)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelLoadError(f"cannot read GGUF file {src}: {e}") from None
+    # Small models are kept in float32 (exact dequantized values); large ones in bfloat16 to halve the disk.
+    n = sum(p.numel() for p in model.parameters())
+    if n > 2_000_000_000:
+        model = model.to(torch.bfloat16)
+    # The weights are plain tensors now; drop the GGUF "quantization" so the checkpoint saves and loads as an
+    # ordinary 16/32-bit model that bitsandbytes can quantize (an instance attribute, not a class patch).
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    load_tokenizer(directory, gguf_file=gguf_file).save_pretrained(tmp)
+    (tmp / ".complete").write_text(str(src), encoding="utf-8")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model_source(name_or_path: str | Path, gguf_file: str | None = None) -> Path | str:
+    """Turn (path, gguf_file) into something ``from_pretrained`` can quantize: a directory or a hub id.
+
+    A path to a ``.gguf`` file, or a directory holding exactly one, is accepted without ``gguf_file``.
+    """
+    p = Path(name_or_path)
+    if p.is_file() and p.suffix == ".gguf":
+        return gguf_to_checkpoint(p.parent, p.name)
+    if gguf_file:
+        return gguf_to_checkpoint(p, gguf_file)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return gguf_to_checkpoint(p, ggufs[0].name)
+            if ggufs:
+                raise ModelLoadError(
+                    f"{p} holds several GGUF files ({', '.join(g.name for g in ggufs)}); choose one with gguf_file="
+                )
+            raise ModelLoadError(
+                f"{p} is a directory but has no config.json or .gguf file: not a model directory"
+            )
+        return p
+    text = str(name_or_path)
+    is_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and "\\" not in text
+    if not is_hub_id:
+        raise ModelLoadError(
+            f"model not found: {text} is not a local directory or file. Give the path of a directory "
+            "with config.json and weights, a .gguf file, or a hub id like 'org/name' (needs network)."
+        )
+    return str(name_or_path)
+
+
+def load_base_model(
+    name_or_path: str | Path,
+    quantization: str | None = "nf4",
+    compute_dtype: str | torch.dtype = "auto",
+    double_quant: bool = True,
+    gguf_file: str | None = None,
+    *,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any]:
+    """Load a causal LM (quantized with bitsandbytes unless ``quantization`` is None/'none') and its tokenizer.
+
+    Args:
+        name_or_path: local model directory, a ``.gguf`` file, a directory with one GGUF file, or a hub id.
+        quantization: 'nf4' (QLoRA default), 'fp4', 'int8' or None/'none' for 16-bit.
+        compute_dtype: 'auto' (bf16 where supported, fp16 on older GPUs, fp32 on CPU) or a dtype name.
+        double_quant: also quantize the 4-bit quantization constants.
+        gguf_file: file name of a GGUF checkpoint inside ``name_or_path``.
+        device: 'auto', 'cpu' or 'cuda[:N]'.
+        trust_remote_code: run code from the model repository (off by default).
+        attn_implementation: force an attention kernel; by default one that isolates packed documents.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer has a pad token (see :func:`fix_tokenizer`).
+
+    Example::
+
+        model, tok = load_base_model("models/llama-3-8b", quantization="nf4")
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    dtype = resolve_compute_dtype(compute_dtype, dev)
+    source = resolve_model_source(name_or_path, gguf_file)
+    try:
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the model config of {source!s}: {e}") from None
+    if getattr(config, "quantization_config", None) is not None and quantization not in (None, "none"):
+        raise ModelLoadError(
+            f"{source!s} is already quantized ({config.quantization_config}); load its 16-bit original, "
+            "or pass quantization=None"
+        )
+    qcfg = quantization_config(quantization, dtype, double_quant=double_quant)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+        "attn_implementation": pick_attention(config, attn_implementation, dev),
+        "use_safetensors": None,
+    }
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the model from {source!s}: {e}") from None
+    if not attn_implementation:
+        use_packed_sdpa(model)
+    if qcfg is None:
+        model.to(dev)
+    elif dev.type == "cpu":
+        keep_4bit_trainable(model)  # before any forward, so no layer is ever repacked (see its docstring)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # Remember where the model came from (used by the run directory and merge).
+    model.lora_dapt_source = {
+        "name_or_path": str(name_or_path),
+        "gguf_file": gguf_file,
+        "resolved": str(source),
+        "quantization": quantization or "none",
+        "compute_dtype": str(dtype).removeprefix("torch."),
+    }
+    n = sum(p.numel() for p in model.parameters())
+    log.info(
+        "loaded %s: %s parameters stored, quantization=%s, compute dtype=%s, device=%s",
+        name_or_path,
+        f"{n:,}",
+        quantization or "none",
+        dtype,
+        dev,
+    )
+    return model, tokenizer
