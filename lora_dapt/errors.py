@@ -36,3 +36,7 @@ class TrainingError(LoraDaptError, RuntimeError):
 
 class MergeError(LoraDaptError, RuntimeError):
     """An adapter merge failed or did not verify."""
+
+
+class RunDirError(LoraDaptError, FileNotFoundError):
+    """A run directory, or one of its files, is missing or unreadable."""

@@ -37,7 +37,7 @@ def run(config: RunConfig) -> TrainResult:
     tokenizer = load_tokenizer(source, trust_remote_code=m.trust_remote_code)
     corpus = prepare_corpus(config.data.sources, tokenizer, config.data)
     log.info("corpus ready:\n%s", _summary(corpus))
-    model, tokenizer = load_base_model(
+    loaded = load_base_model(
         m.name_or_path,
         quantization=m.quantization,
         compute_dtype=m.compute_dtype,
@@ -48,10 +48,17 @@ def run(config: RunConfig) -> TrainResult:
         attn_implementation=m.attn_implementation,
     )
     set_seed(config.train.seed)  # the LoRA init draws from the global generators
-    model = apply_lora(model, config.adapter)
+    model = apply_lora(loaded.model, config.adapter)
     result = continued_pretrain(
-        model, tokenizer, corpus, config.train, eval_config=config.eval, run_config=config
+        model,
+        loaded.tokenizer,
+        corpus,
+        config.train,
+        eval_config=config.eval,
+        run_config=config,
+        model_source=loaded.source,
     )
+    del loaded
     if config.merge.enabled and result.stopped is None:
         from .export.merge import merge_run
 

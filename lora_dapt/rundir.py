@@ -1,4 +1,25 @@
-"""rundir (split from train)."""
+"""The run directory, and its one owner: :class:`RunDir`.
+
+Every file of a run is read and written here, and nowhere else opens them by name (as the HF Trainer owns
+``trainer_state.json``). Stages hand each other values in memory; a run is read back from disk only by the
+from-disk entry points (``merge_run``, ``sft`` on a run directory, ``lora-dapt report/merge/eval``)::
+
+    RUN_DIR/
+      config.yaml             the resolved RunConfig (every default filled in)
+      run_info.json           where the base model came from (a ModelSource) and the lora_dapt version
+      metrics.jsonl           one JSON row per line: train rows and eval rows (TrainRow, EvalRow)
+      eval_before.json        the evaluation before training (a resume reuses it)
+      eval_texts.json         up to 256 held-out documents (merge verification, `lora-dapt eval`)
+      summary.json            the TrainResult, plus the corpus stats
+      checkpoints/checkpoint-N/   Trainer checkpoints; one counts only once lora_dapt_complete.json is in it
+      adapter/                the final adapter and its tokenizer
+      report.md, plots/       the report (evaluate.report)
+      merged/                 the merged 16-bit model (export.merge)
+
+Writes of JSON files go to a temporary file first and are renamed over the old one, so a crash leaves the
+old or the new file, never half of one. The metrics log is appended line by line; a line cut short by a
+crash is skipped (with a warning) when it is read back.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +27,394 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import TrainingError
+from .errors import RunDirError, TrainingError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .model.load import ModelSource
 
 log = logging.getLogger("lora_dapt")
 
 COMPLETE_MARKER = "lora_dapt_complete.json"
+"""Written into a checkpoint after every file of it is on disk; a checkpoint without it does not count."""
+EVAL_TEXTS_KEPT = 256
+"""Held-out documents kept in ``eval_texts.json``."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Typed rows of the metrics log
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainRow:
+    """One ``{"type": "train"}`` row of ``metrics.jsonl``: the state after optimizer step ``step``."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens: int
+    """Tokens trained so far (targets the loss was computed on)."""
+    tokens_per_s: float
+    elapsed_s: float
+    type: str = "train"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        return {"type": out.pop("type"), **out}
+
+
+@dataclass
+class EvalRow:
+    """One ``{"type": "eval"}`` row: an evaluation of one split at one step.
+
+    ``tokens`` is the number of tokens trained so far (the x axis of the plots), ``eval_tokens`` the number
+    of tokens scored; ``result`` is an ``EvalResult.to_dict()`` (loss, ppl, bits_per_byte, ...).
+    """
+
+    step: int
+    phase: str
+    """'before', 'during' or 'after'."""
+    split: str
+    """'domain' or 'general'."""
+    result: dict[str, Any]
+    tokens: int = 0
+    type: str = "eval"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "step": self.step,
+            "phase": self.phase,
+            "split": self.split,
+            **self.result,
+            "eval_tokens": self.result.get("tokens"),
+            "tokens": self.tokens,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# File helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_disk_space(path: Path, needed_bytes: int, what: str) -> None:
+    """Raise a clear error when the file system of ``path`` has less than ``needed_bytes`` free."""
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise TrainingError(
+            f"not enough disk space for {what} in {path}: {free / 2**20:.0f} MiB free, about "
+            f"{needed_bytes / 2**20:.0f} MiB needed. Free some space or point output_dir elsewhere."
+        )
+
+
+def _read_json(path: Path) -> Any | None:
+    """The JSON in ``path``; None when it does not exist; RunDirError when it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RunDir
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunDir:
+    """A run directory: its layout, and every read and write of its files.
+
+    ``RunDir(path)`` names a directory that may not exist yet (training creates it with :meth:`create`);
+    :meth:`open` is for reading a run back and refuses a path that is not a directory.
+
+    Example::
+
+        run = RunDir.open("runs/demo")
+        rows = [r for r in run.read_metrics() if r["type"] == "train"]
+        source = run.read_run_info()        # a ModelSource: what the adapter was trained on
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path).expanduser()
+
+    # -- opening -------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run directory; :class:`RunDirError` when ``path`` is not a directory."""
+        run = cls(Path(path))
+        if not run.path.is_dir():
+            raise RunDirError(
+                f"run directory not found: {run.path} (give the train.output_dir of a run, the folder holding "
+                "metrics.jsonl and config.yaml)"
+            )
+        return run
+
+    def create(self) -> RunDir:
+        """Make the directory (and its parents) if needed; returns self."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @staticmethod
+    def is_run(path: str | Path) -> bool:
+        """True for a finished training run directory (DAPT or SFT): it holds ``adapter/adapter_config.json``."""
+        return (Path(path) / "adapter" / "adapter_config.json").is_file()
+
+    # -- layout --------------------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def run_info_path(self) -> Path:
+        return self.path / "run_info.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def eval_texts_path(self) -> Path:
+        return self.path / "eval_texts.json"
+
+    @property
+    def eval_before_path(self) -> Path:
+        return self.path / "eval_before.json"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.path / "merged"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / "adapter_config.json").is_file()
+
+    # -- config --------------------------------------------------------------------------------------------
+    def write_config(self, config: RunConfig | dict[str, Any]) -> None:
+        """Save the resolved configuration as ``config.yaml``: a RunConfig, or a mapping of sections."""
+        import yaml
+
+        if isinstance(config, dict):
+            text = yaml.safe_dump(config, sort_keys=False)
+        else:
+            text = config.to_yaml()
+        tmp = self.config_path.with_suffix(".yaml.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.config_path)
+
+    def read_config(self) -> dict[str, Any] | None:
+        """The raw mapping of sections in ``config.yaml``; None when there is none; RunDirError when it is not
+        a YAML mapping."""
+        import yaml
+
+        if not self.config_path.is_file():
+            return None
+        try:
+            data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise RunDirError(f"{self.config_path} is not valid YAML: {e}") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise RunDirError(
+                f"{self.config_path}: expected a mapping of sections, got {type(data).__name__}"
+            )
+        return data
+
+    def read_section(self, name: str, cls: type) -> Any:
+        """One section of ``config.yaml`` as its config class (``cls.from_dict``; defaults when absent), so a
+        wrong key or value is an error, not a silent default."""
+        data = self.read_config() or {}
+        return cls.from_dict(data.get(name) or {})
+
+    # -- run info: where the base model came from ----------------------------------------------------------
+    def write_run_info(self, source: ModelSource | None) -> None:
+        """``run_info.json``: the base model the adapter is trained on (None: unknown) and our version."""
+        from . import __version__
+
+        write_json_atomic(
+            self.run_info_path,
+            {"base_model": source.to_dict() if source is not None else {}, "lora_dapt_version": __version__},
+        )
+
+    def read_run_info(self) -> ModelSource | None:
+        """The :class:`~lora_dapt.model.load.ModelSource` recorded by training; None when the run recorded none."""
+        from .model.load import ModelSource
+
+        info = _read_json(self.run_info_path)
+        if info is None:
+            return None
+        if not isinstance(info, dict):
+            raise RunDirError(f"{self.run_info_path}: expected a JSON object")
+        base = info.get("base_model") or {}
+        if not isinstance(base, dict) or not base.get("name_or_path"):
+            return None
+        return ModelSource.from_dict(base)
+
+    # -- metrics log ---------------------------------------------------------------------------------------
+    def append_metric(self, row: TrainRow | EvalRow | dict[str, Any]) -> None:
+        """Append one row to ``metrics.jsonl`` (flushed, so a crash loses at most the row being written)."""
+        data = row if isinstance(row, dict) else row.to_dict()
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(data) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.jsonl`` in order; [] when it does not exist.
+
+        A last line that is not valid JSON (a crash in the middle of a write) is skipped with a warning; so is
+        any other malformed line, naming its number.
+        """
+        path = self.metrics_path
+        if not path.is_file():
+            return []
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+        rows = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i == last:
+                    log.warning("%s: last line is cut short (a crash while writing?); skipped it", path)
+                else:
+                    log.warning("%s: line %d is not valid JSON; skipped it", path, i + 1)
+                continue
+            if not isinstance(row, dict):
+                log.warning("%s: line %d is not a JSON object; skipped it", path, i + 1)
+                continue
+            rows.append(row)
+        return rows
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop the rows logged after ``step`` (written after the checkpoint a resume starts from); the
+        'before' evaluation rows stay."""
+        path = self.metrics_path
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a row cut by a crash
+            if row.get("phase") == "before" or int(row.get("step", 0)) <= step:
+                keep.append(line)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        os.replace(tmp, path)
+
+    # -- evaluations, held-out texts, summary --------------------------------------------------------------
+    def write_eval_before(self, before: dict[str, Any]) -> None:
+        write_json_atomic(self.eval_before_path, before)
+
+    def read_eval_before(self) -> dict[str, Any] | None:
+        data = _read_json(self.eval_before_path)
+        return data if isinstance(data, dict) else None
+
+    def write_eval_texts(self, texts: list[str]) -> None:
+        """Keep up to :data:`EVAL_TEXTS_KEPT` held-out documents for the merge check and ``lora-dapt eval``."""
+        write_json_atomic(self.eval_texts_path, list(texts)[:EVAL_TEXTS_KEPT])
+
+    def read_eval_texts(self) -> list[str] | None:
+        """The held-out documents training kept; None when the run kept none."""
+        texts = _read_json(self.eval_texts_path)
+        if texts is None:
+            return None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise RunDirError(f"{self.eval_texts_path}: expected a JSON list of strings")
+        return texts
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.summary_path, summary)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """``summary.json``; None when the run has not finished; RunDirError when it is unreadable."""
+        data = _read_json(self.summary_path)
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise RunDirError(f"{self.summary_path}: not a JSON object")
+        return data
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / f"checkpoint-{step}"
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint directories, newest first (complete or not)."""
+        return checkpoint_dirs(self.path)
+
+    def mark_complete(self, step: int, tokens: int) -> bool:
+        """Write the completion marker into checkpoint ``step`` (after all its files are saved); False when
+        that checkpoint does not exist."""
+        ckpt = self.checkpoint_dir(step)
+        if not ckpt.is_dir():
+            return False
+        write_json_atomic(ckpt / COMPLETE_MARKER, {"step": step, "tokens": tokens})
+        return True
+
+    def find_resume_checkpoint(self, resume_from: str) -> Path | None:
+        """Resolve ``resume_from`` ('latest' or a path); see :func:`find_resume_checkpoint`."""
+        return find_resume_checkpoint(self.path, resume_from)
+
+    def has_previous_run(self) -> bool:
+        """True when checkpoints or a metrics log of an earlier run are here."""
+        return bool(self.checkpoints()) or self.metrics_path.exists()
+
+    def clear_previous_run(self) -> int:
+        """Delete an earlier run's checkpoints and metrics log (a fresh start); returns the checkpoints removed."""
+        old = self.checkpoints()
+        for ckpt in old:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        self.metrics_path.unlink(missing_ok=True)
+        return len(old)
+
+    def check_disk_space(self, needed_bytes: int, what: str) -> None:
+        check_disk_space(self.path, needed_bytes, what)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints (functions: the Trainer's callbacks and the tests use them on plain paths)
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -70,43 +471,3 @@ def find_resume_checkpoint(run_dir: Path, resume_from: str) -> Path | None:
             return ckpt
         log.warning("skipping checkpoint %s: %s", ckpt, problem)
     return None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop train/eval rows logged after ``step`` (they were written after the checkpoint we resume from)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a row cut by a crash
-        if row.get("phase") == "before" or int(row.get("step", 0)) <= step:
-            keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def check_disk_space(path: Path, needed_bytes: int, what: str) -> None:
-    """Raise a clear error when the file system of ``path`` has less than ``needed_bytes`` free."""
-    path.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(path).free
-    if free < needed_bytes:
-        raise TrainingError(
-            f"not enough disk space for {what} in {path}: {free / 2**20:.0f} MiB free, about "
-            f"{needed_bytes / 2**20:.0f} MiB needed. Free some space or point output_dir elsewhere."
-        )

@@ -12,7 +12,8 @@ from lora_dapt.model.lora import apply_lora, count_parameters, tied_embeddings
 
 
 def test_nf4_load_quantizes_linears_and_sets_pad(tiny_model_dir):
-    model, tok = load_base_model(tiny_model_dir, quantization="nf4")
+    loaded = load_base_model(tiny_model_dir, quantization="nf4")
+    model, tok = loaded
     q = model.model.layers[0].self_attn.q_proj
     assert type(q).__name__ == "Linear4bit"
     assert q.weight.quant_state.quant_type == "nf4"
@@ -20,7 +21,9 @@ def test_nf4_load_quantizes_linears_and_sets_pad(tiny_model_dir):
     # the tokenizer had no pad token: one is chosen that is not EOS, so EOS stays learnable
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
     assert model.config.pad_token_id == tok.pad_token_id
-    assert model.lora_dapt_source["quantization"] == "nf4"
+    assert loaded.source.quantization == "nf4"
+    assert loaded.source.name_or_path == str(tiny_model_dir)
+    assert loaded.source.pad_token not in (None, "eos")
     out = model(input_ids=torch.tensor([[0, 5, 6, 7]]))
     assert out.logits.shape == (1, 4, len(tok))
     assert torch.isfinite(out.logits).all()
@@ -58,9 +61,9 @@ def test_pad_falls_back_to_eos_only_without_alternatives():
         def get_vocab(self):
             return {"</s>": 1, "a": 2}
 
-    tok = fix_tokenizer(Tok())
+    tok = Tok()
+    assert fix_tokenizer(tok) == "eos"
     assert tok.pad_token == "</s>"
-    assert tok.lora_dapt_pad_source == "eos"
 
 
 def test_apply_lora_all_linear_trainable_only_lora(tiny_model_dir):

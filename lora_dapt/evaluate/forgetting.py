@@ -10,7 +10,7 @@ from typing import Any
 
 from ..config import EvalConfig
 from ..errors import DataError
-from ..rundir import _append_jsonl
+from ..rundir import EvalRow, RunDir
 from .score import EvalResult, read_text_sources
 
 log = logging.getLogger("lora_dapt")
@@ -57,17 +57,8 @@ def _evaluate_all(
             desc=f"eval general ({phase})",
         ).to_dict()
     for split, res in out.items():
-        _append_jsonl(
-            run_dir / "metrics.jsonl",
-            {
-                "type": "eval",
-                "step": step,
-                "phase": phase,
-                "split": split,
-                **res,
-                "eval_tokens": res["tokens"],
-                "tokens": tokens_trained,
-            },
+        RunDir(run_dir).append_metric(
+            EvalRow(step=step, phase=phase, split=split, result=res, tokens=tokens_trained)
         )
         log.info("%s eval %s: loss %.4f ppl %.3f", phase, split, res["loss"], res["ppl"])
     if eval_cfg.prompts and phase in ("before", "after"):

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import LoraDaptError
+from ..errors import RunDirError
 from .forgetting import forgetting_report
 
 log = logging.getLogger("lora_dapt")
@@ -62,10 +62,6 @@ _CONFIG_ROWS = (
     ("train", "optimizer", "optimizer"),
     ("eval", "general_sources", "general-text sources"),
 )
-
-
-class RunDirError(LoraDaptError, FileNotFoundError):
-    """The run directory to report on does not exist or is not a directory."""
 
 
 def _run_dir(run_dir: str | Path) -> Path:

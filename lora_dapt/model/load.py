@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,39 +62,44 @@ def resolve_compute_dtype(
     return torch.float32
 
 
-def fix_tokenizer(tokenizer: Any) -> Any:
-    """Give the tokenizer a pad token without making EOS unlearnable.
+def fix_tokenizer(tokenizer: Any) -> str:
+    """Give the tokenizer a pad token without making EOS unlearnable; returns where the pad token came from.
 
-    Preference: an existing pad token; else a dedicated special token the vocabulary already has (``<pad>``,
-    ``<|pad|>``, ``<|finetune_right_pad_id|>``, the unk token) so that pad != eos; else eos itself. Using eos as
-    pad is safe here because lora_dapt builds labels from positions, never by masking every pad-token id (the
-    bug that stops models from learning to end, trl #1623). The choice is recorded on the tokenizer as
-    ``lora_dapt_pad_source``.
+    Preference: an existing pad token ('tokenizer'); else a dedicated special token the vocabulary already
+    has (``<pad>``, ``<|pad|>``, ``<|finetune_right_pad_id|>``: its text; the unk token: 'unk') so that
+    pad != eos; else eos itself ('eos'). Using eos as pad is safe here because lora_dapt builds labels from
+    positions, never by masking every pad-token id (the bug that stops models from learning to end,
+    trl #1623). :func:`load_base_model` records the answer in :attr:`ModelSource.pad_token`.
     """
     if tokenizer.pad_token_id is not None:
-        tokenizer.lora_dapt_pad_source = "tokenizer"
-        return tokenizer
+        return "tokenizer"
     vocab = tokenizer.get_vocab()
     for cand in ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|finetune_right_pad|>"):
         if cand in vocab and vocab[cand] != tokenizer.eos_token_id:
             tokenizer.pad_token = cand
-            tokenizer.lora_dapt_pad_source = cand
-            return tokenizer
+            return cand
     if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
         tokenizer.pad_token = tokenizer.unk_token
-        tokenizer.lora_dapt_pad_source = "unk"
-        return tokenizer
+        return "unk"
     if tokenizer.eos_token is None:
         raise ModelLoadError(
             "the tokenizer has neither a pad, unk nor eos token; add one, e.g. "
             "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the model's embeddings"
         )
     tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.lora_dapt_pad_source = "eos"
-    return tokenizer
+    return "eos"
 
 
 def load_tokenizer(
+    name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """The tokenizer of a model directory, GGUF file or hub id, with a pad token (:func:`fix_tokenizer`)."""
+    tok = _load_raw_tokenizer(name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    fix_tokenizer(tok)
+    return tok
+
+
+def _load_raw_tokenizer(
     name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False
 ) -> Any:
     from transformers import AutoTokenizer
@@ -104,7 +111,7 @@ def load_tokenizer(
         tok = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a tokenizer from {name_or_path!s}: {e}") from None
-    return fix_tokenizer(tok)
+    return tok
 
 
 def _cache_root() -> Path:
@@ -187,6 +194,84 @@ def resolve_model_source(name_or_path: str | Path, gguf_file: str | None = None)
     return str(name_or_path)
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a loaded base model came from and how it was loaded: what ``run_info.json`` records, and what
+    merge, SFT and ``lora-dapt eval`` load again."""
+
+    name_or_path: str
+    """The model as the user named it (a directory, a .gguf file, a hub id)."""
+    gguf_file: str | None = None
+    resolved: str | None = None
+    """What ``from_pretrained`` loaded: the directory (for a GGUF, lora_dapt's dequantized copy) or hub id."""
+    quantization: str = "none"
+    """'nf4', 'fp4', 'int8' or 'none'."""
+    compute_dtype: str = "float32"
+    """The resolved compute dtype ('bfloat16', 'float16', 'float32')."""
+    pad_token: str | None = None
+    """Where the tokenizer's pad token came from (:func:`fix_tokenizer`)."""
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization not in (None, "none")
+
+    def loadable(self) -> tuple[str, str | None]:
+        """(path or id, gguf_file) to load this base again: the name the user gave, or its resolved copy when
+        the original has moved away (the dequantized GGUF checkpoint is still in the cache, say)."""
+        if self.resolved and Path(self.resolved).is_dir() and not Path(self.name_or_path).exists():
+            return self.resolved, None
+        return self.name_or_path, self.gguf_file
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSource:
+        """From :meth:`to_dict` (keys it does not know, from other versions, are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def of_model(cls, model: Any) -> ModelSource:
+        """A best guess for a model that :func:`load_base_model` did not load: its config's name, its
+        bitsandbytes quantization, its dtype."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = getattr(base, "config", None)
+        name = str(getattr(cfg, "_name_or_path", "") or type(base).__name__)
+        qcfg = getattr(cfg, "quantization_config", None)
+        quant = "none"
+        if qcfg is not None:
+            data = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+            if data.get("load_in_4bit"):
+                quant = str(data.get("bnb_4bit_quant_type") or "nf4")
+            elif data.get("load_in_8bit"):
+                quant = "int8"
+            compute = data.get("bnb_4bit_compute_dtype")
+        else:
+            compute = None
+        dtype = str(compute or getattr(base, "dtype", torch.float32)).removeprefix("torch.")
+        return cls(name_or_path=name, resolved=name, quantization=quant, compute_dtype=dtype)
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`load_base_model` returns. It unpacks (and indexes) as the pair ``model, tokenizer``;
+    ``source`` says where the model came from (``continued_pretrain(..., model_source=loaded.source)`` records it in the run)."""
+
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.tokenizer))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.model, self.tokenizer)[index]
+
+
 def load_base_model(
     name_or_path: str | Path,
     quantization: str | None = "nf4",
@@ -197,7 +282,7 @@ def load_base_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
-) -> tuple[Any, Any]:
+) -> LoadedModel:
     """Load a causal LM (quantized with bitsandbytes unless ``quantization`` is None/'none') and its tokenizer.
 
     Args:
@@ -211,7 +296,8 @@ def load_base_model(
         attn_implementation: force an attention kernel; by default one that isolates packed documents.
 
     Returns:
-        ``(model, tokenizer)``; the tokenizer has a pad token (see :func:`fix_tokenizer`).
+        a :class:`LoadedModel`: unpack it as ``model, tokenizer`` (the tokenizer has a pad token, see
+        :func:`fix_tokenizer`); its ``source`` records where the model came from.
 
     Example::
 
@@ -251,18 +337,19 @@ def load_base_model(
         model.to(dev)
     elif dev.type == "cpu":
         keep_4bit_trainable(model)  # before any forward, so no layer is ever repacked (see its docstring)
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    tokenizer = _load_raw_tokenizer(source, trust_remote_code=trust_remote_code)
+    pad_source = fix_tokenizer(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    # Remember where the model came from (used by the run directory and merge).
-    model.lora_dapt_source = {
-        "name_or_path": str(name_or_path),
-        "gguf_file": gguf_file,
-        "resolved": str(source),
-        "quantization": quantization or "none",
-        "compute_dtype": str(dtype).removeprefix("torch."),
-    }
+    record = ModelSource(
+        name_or_path=str(name_or_path),
+        gguf_file=gguf_file,
+        resolved=str(source),
+        quantization=quantization or "none",
+        compute_dtype=str(dtype).removeprefix("torch."),
+        pad_token=pad_source,
+    )
     n = sum(p.numel() for p in model.parameters())
     log.info(
         "loaded %s: %s parameters stored, quantization=%s, compute dtype=%s, device=%s",
@@ -272,4 +359,4 @@ def load_base_model(
         dtype,
         dev,
     )
-    return model, tokenizer
+    return LoadedModel(model, tokenizer, record)

@@ -33,7 +33,13 @@ import torch
 from ..config import EvalConfig, RunConfig, TrainConfig
 from ..errors import DataError, TrainingError
 from ..evaluate.forgetting import _evaluate_all
-from ..rundir import _truncate_metrics, _write_json, check_disk_space, checkpoint_dirs, find_resume_checkpoint
+from ..model.load import ModelSource
+from ..rundir import (
+    RunDir,
+    check_disk_space,
+    checkpoint_dirs,
+    find_resume_checkpoint,
+)
 from .schedule import total_optimizer_steps
 from .trainer import (
     _OPTIMIZERS,
@@ -88,6 +94,7 @@ def continued_pretrain(
     run_config: RunConfig | None = None,
     general_texts: list[str] | None = None,
     callbacks: list[Any] | None = None,
+    model_source: ModelSource | None = None,
 ) -> TrainResult:
     """Continue pre-training ``model`` (a PeftModel from :func:`apply_lora`) on ``corpus``.
 
@@ -102,6 +109,8 @@ def continued_pretrain(
         general_texts: general-domain texts for the forgetting measurement (default: EvalConfig's sources or
             the built-in sample).
         callbacks: extra ``transformers.TrainerCallback`` objects (e.g. your own logging or stopping rules).
+        model_source: where the base model came from (``load_base_model(...).source``), recorded in
+            ``run_info.json`` for merge and SFT; None: guessed from the model's config.
 
     Returns:
         A :class:`TrainResult` (also in ``RUN_DIR/summary.json``).
@@ -149,7 +158,7 @@ def continued_pretrain(
     metrics_path = run_dir / "metrics.jsonl"
     resume_state = json.loads((resume_ckpt / "trainer_state.json").read_text()) if resume_ckpt else {}
     if resume_ckpt is not None:
-        _truncate_metrics(metrics_path, resume_state["global_step"])
+        RunDir(run_dir).truncate_metrics(resume_state["global_step"])
         log.info("resuming from %s (step %d)", resume_ckpt, resume_state["global_step"])
     else:  # a fresh run in an old directory: its log and checkpoints would mix with the new run's
         old = checkpoint_dirs(run_dir)
@@ -163,7 +172,8 @@ def continued_pretrain(
         for ckpt in old:
             shutil.rmtree(ckpt, ignore_errors=True)
         metrics_path.unlink(missing_ok=True)
-    _save_run_files(run_dir, model, tokenizer, cfg, eval_cfg, run_config, corpus)
+    source = model_source or ModelSource.of_model(model)
+    _save_run_files(run_dir, model, source, cfg, eval_cfg, run_config, corpus)
 
     total_steps = total_optimizer_steps(len(train_ds), cfg, seq_len)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -186,7 +196,7 @@ def continued_pretrain(
             before = _evaluate_all(
                 model, tokenizer, eval_ds, general_texts, eval_cfg, step=0, phase="before", run_dir=run_dir
             )
-            _write_json(before_path, before)
+            RunDir(run_dir).write_eval_before(before)
 
     # -- fit -------------------------------------------------------------------------------------------
     args = TrainingArguments(
@@ -210,7 +220,7 @@ def continued_pretrain(
         use_cpu=use_cpu,
         disable_tqdm=True,
         save_only_model=False,
-        **_precision_flags(model, cfg),
+        **_precision_flags(model, cfg, source.compute_dtype),
     )
     trainer_cls = _make_trainer_class()
     general_before = (before.get("general") or {}).get("ppl")
@@ -306,7 +316,7 @@ def continued_pretrain(
         stopped=state.get("stopped"),
         skipped_steps=state.get("skipped_steps", 0),
     )
-    _write_json(run_dir / "summary.json", {**result.to_dict(), "data_stats": _stats_dict(corpus)})
+    RunDir(run_dir).write_summary({**result.to_dict(), "data_stats": _stats_dict(corpus)})
     if state.get("stopped", "").startswith("interrupted"):
         log.warning(
             "run interrupted at step %d; checkpoint saved. Resume with train.resume_from='latest' "
@@ -351,42 +361,41 @@ def _oom_advice(cfg: TrainConfig, seq_len: int, err: Exception) -> str:
 def _save_run_files(
     run_dir: Path,
     model: Any,
-    tokenizer: Any,
+    source: ModelSource,
     cfg: TrainConfig,
     eval_cfg: EvalConfig,
     run_config: RunConfig | None,
     corpus: Any,
 ) -> None:
     """config.yaml (resolved), run_info.json (base model, adapter), eval_texts.json (held-out text)."""
-    source = dict(
-        getattr(model.get_base_model(), "lora_dapt_source", None)
-        or getattr(model, "lora_dapt_source", {})
-        or {}
-    )
+    run = RunDir(run_dir)
     if run_config is not None:
-        run_config.to_yaml(run_dir / "config.yaml")
+        run.write_config(run_config)
     else:
-        import yaml
-
         peft_cfg = model.peft_config["default"]
-        data = {
-            "model": {k: source.get(k) for k in ("name_or_path", "gguf_file", "quantization")},
-            "adapter": {
-                "r": peft_cfg.r,
-                "alpha": peft_cfg.lora_alpha,
-                "target_modules": sorted(peft_cfg.target_modules)
-                if isinstance(peft_cfg.target_modules, (set, list))
-                else peft_cfg.target_modules,
-            },
-            # an SFTConfig is a TrainConfig with more keys: keep the ones the train section knows
-            "train": {k: v for k, v in cfg.to_dict().items() if k in TrainConfig.__dataclass_fields__},
-            "eval": eval_cfg.to_dict(),
-        }
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    _write_json(run_dir / "run_info.json", {"base_model": source, "lora_dapt_version": _version()})
+        run.write_config(
+            {
+                "model": {
+                    "name_or_path": source.name_or_path,
+                    "gguf_file": source.gguf_file,
+                    "quantization": source.quantization,
+                },
+                "adapter": {
+                    "r": peft_cfg.r,
+                    "alpha": peft_cfg.lora_alpha,
+                    "target_modules": sorted(peft_cfg.target_modules)
+                    if isinstance(peft_cfg.target_modules, (set, list))
+                    else peft_cfg.target_modules,
+                },
+                # an SFTConfig is a TrainConfig with more keys: keep the ones the train section knows
+                "train": {k: v for k, v in cfg.to_dict().items() if k in TrainConfig.__dataclass_fields__},
+                "eval": eval_cfg.to_dict(),
+            }
+        )
+    run.write_run_info(source)
     texts = getattr(corpus, "eval_documents", None)
     if texts:
-        _write_json(run_dir / "eval_texts.json", list(texts)[:256])
+        run.write_eval_texts(list(texts))
 
 
 def _version() -> str:

@@ -164,8 +164,8 @@ def _load_model(
     adapter_cfg: AdapterConfig,
     merge_cfg: MergeConfig | None,
     seed: int,
-) -> tuple[Any, str]:
-    """(LoRA model ready to train, the base it sits on)."""
+) -> tuple[Any, str, Any]:
+    """(LoRA model ready to train, the base it sits on, that base's ModelSource)."""
     from transformers import set_seed
 
     from ..model.load import load_base_model
@@ -180,19 +180,20 @@ def _load_model(
     quant = None if model_cfg.quantization == "none" else model_cfg.quantization
     if src.kind == "run" and stack == "continue":
         # the adapter continues on exactly the base it was trained on: same quantization and compute dtype
-        model, _ = load_base_model(
+        loaded = load_base_model(
             src.base, src.quantization, src.compute_dtype, gguf_file=src.gguf_file, **load_kw
         )
+        model, source = loaded.model, loaded.source
         model = prepare_for_training(model, gradient_checkpointing=adapter_cfg.gradient_checkpointing)
         model = load_adapter(model, Path(src.path) / "adapter", is_trainable=True)
-        return model, src.base
+        return model, src.base, source
     if src.kind == "run":  # stack == "merge"
         base, gguf = str(_merged_dir(Path(src.path), merge_cfg)), None
     else:
         base, gguf = src.path, model_cfg.gguf_file
-    model, _ = load_base_model(base, quant, model_cfg.compute_dtype, gguf_file=gguf, **load_kw)
+    loaded = load_base_model(base, quant, model_cfg.compute_dtype, gguf_file=gguf, **load_kw)
     set_seed(seed)  # the LoRA init draws from the global generators
-    return apply_lora(model, adapter_cfg), base
+    return apply_lora(loaded.model, adapter_cfg), base, loaded.source
 
 
 def sft(
@@ -246,7 +247,7 @@ def sft(
     tokenizer = _load_tokenizer_for(src, model_cfg)
     prepared = prepare_sft_data(data, tokenizer, cfg)
     log.info("SFT data ready: %s", prepared.stats.summary())
-    model, base = _load_model(src, cfg.stack, model_cfg, adapter_cfg, merge_config, cfg.seed)
+    model, base, source = _load_model(src, cfg.stack, model_cfg, adapter_cfg, merge_config, cfg.seed)
     model.config.use_cache = False  # packed blocks are kept apart only without a KV cache
     prepared.stats.source = {
         "model_or_run": str(model_or_run),
@@ -260,11 +261,10 @@ def sft(
         data = [data]
     files = [str(d) for d in data] if all(isinstance(d, (str, Path)) for d in data) else []
     cfg = cfg.replace(model_or_run=str(model_or_run), data=files)
-    source_info = getattr(model.get_base_model(), "lora_dapt_source", {}) or {}
     run_config = RunConfig(
         model=model_cfg.replace(
             name_or_path=base,
-            quantization=source_info.get("quantization", model_cfg.quantization),
+            quantization=source.quantization,
             gguf_file=src.gguf_file if src.kind == "run" and cfg.stack == "continue" else model_cfg.gguf_file,
         ),
         adapter=adapter_cfg,
@@ -280,7 +280,14 @@ def sft(
     from .pretrain import continued_pretrain
 
     return continued_pretrain(
-        model, tokenizer, prepared, cfg, eval_config=eval_cfg, run_config=run_config, callbacks=callbacks
+        model,
+        tokenizer,
+        prepared,
+        cfg,
+        eval_config=eval_cfg,
+        run_config=run_config,
+        callbacks=callbacks,
+        model_source=source,
     )
 
 

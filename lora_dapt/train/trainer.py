@@ -14,7 +14,7 @@ import torch
 from ..config import TrainConfig
 from ..errors import TrainingError
 from ..model.loss import causal_lm_loss_sum
-from ..rundir import COMPLETE_MARKER, _append_jsonl, _write_json, check_disk_space, find_resume_checkpoint
+from ..rundir import RunDir, check_disk_space, find_resume_checkpoint
 from .schedule import lr_factor
 
 log = logging.getLogger("lora_dapt")
@@ -119,7 +119,7 @@ def _make_trainer_class() -> type:
                     "elapsed_s": elapsed,
                 }
                 self.last_loss = row["loss"]
-                _append_jsonl(self.run_dir / "metrics.jsonl", row)
+                RunDir(self.run_dir).append_metric(row)
                 logs = {**logs, "tokens": row["tokens"], "tok/s": round(row["tokens_per_s"], 1)}
             super().log(logs, start_time)
 
@@ -179,11 +179,7 @@ def _callbacks(
             return control
 
         def on_save(self, args, st, control, **kw):
-            ckpt = run_dir / "checkpoints" / f"checkpoint-{st.global_step}"
-            if ckpt.is_dir():
-                _write_json(
-                    ckpt / COMPLETE_MARKER, {"step": st.global_step, "tokens": st.num_input_tokens_seen}
-                )
+            RunDir(run_dir).mark_complete(st.global_step, int(st.num_input_tokens_seen))
             return control
 
     class ProgressCallback(TrainerCallback):
@@ -245,12 +241,12 @@ class _SignalGuard:
             signal.signal(sig, handler)
 
 
-def _precision_flags(model: Any, cfg: TrainConfig) -> dict[str, bool]:
+def _precision_flags(model: Any, cfg: TrainConfig, compute_dtype: str | None = None) -> dict[str, bool]:
     precision = cfg.precision
     on_cuda = next(model.parameters()).device.type == "cuda"
     if precision == "auto":
         dtype = getattr(model, "dtype", torch.float32)
-        compute = (getattr(model, "lora_dapt_source", None) or {}).get("compute_dtype")
+        compute = compute_dtype
         if not on_cuda:
             precision = "fp32"
         elif compute == "bfloat16" or dtype == torch.bfloat16:
