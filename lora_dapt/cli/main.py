@@ -114,8 +114,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..config import RunConfig
+    from ..data.sources import read_text_sources
     from ..evaluate.forgetting import general_texts
-    from ..evaluate.score import evaluate_texts, read_text_sources
+    from ..evaluate.score import evaluate_texts
     from ..model.load import load_base_model
     from ..model.lora import load_adapter
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import glob
 import glob as globlib
 import hashlib
 import json
@@ -378,3 +379,36 @@ def _as_list(sources: Any) -> list[Any]:
     if isinstance(sources, (str, os.PathLike, datasets.Dataset, datasets.IterableDataset)):
         return [sources]
     return list(sources)
+
+
+def read_text_sources(sources: str | Path | Sequence[str | Path]) -> list[str]:
+    """Read .txt/.md/.rst files given as paths, directories (searched recursively) or globs; one text per file.
+
+    Example::
+
+        texts = read_text_sources(["notes/*.md", "extra.txt"])
+    """
+    items = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_EXTENSIONS)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(str(item)), recursive=True))
+            matches = [m for m in matches if m.is_file()]
+            if not matches:
+                raise DataError(
+                    f"{item!s}: no such file, directory or matching glob. To score a string itself, pass a "
+                    "list: perplexity(model, tok, [text])"
+                )
+            files += matches
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{f}: cannot read as UTF-8 text: {e}") from None
+    return texts

@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EvalConfig
+from ..data.sources import read_text_sources
 from ..errors import DataError
 from ..rundir import EvalRow, RunDir
-from .score import EvalResult, read_text_sources
+from .score import EvalResult
 
 log = logging.getLogger("lora_dapt")
 
 
-def _evaluate_all(
+def evaluate_splits(
     model: Any,
     tokenizer: Any,
     eval_ds: Any,

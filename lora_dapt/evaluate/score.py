@@ -26,10 +26,8 @@ the device of the model's input embeddings, for plain, peft, 4-bit/8-bit and mer
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -39,12 +37,10 @@ from typing import Any
 
 import torch
 
+from ..data.sources import read_text_sources
 from ..errors import ConfigError, DataError
 
 log = logging.getLogger("lora_dapt")
-
-
-TEXT_SUFFIXES = (".txt", ".md", ".rst")
 
 
 DEFAULT_MAX_SEQ_LEN = 1024
@@ -375,39 +371,6 @@ def evaluate_blocks(
     )
     _log_result(desc, result)
     return result
-
-
-def read_text_sources(sources: str | Path | Sequence[str | Path]) -> list[str]:
-    """Read .txt/.md/.rst files given as paths, directories (searched recursively) or globs; one text per file.
-
-    Example::
-
-        texts = read_text_sources(["notes/*.md", "extra.txt"])
-    """
-    items = [sources] if isinstance(sources, (str, Path)) else list(sources)
-    files: list[Path] = []
-    for item in items:
-        p = Path(item).expanduser()
-        if p.is_file():
-            files.append(p)
-        elif p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
-        else:
-            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(str(item)), recursive=True))
-            matches = [m for m in matches if m.is_file()]
-            if not matches:
-                raise DataError(
-                    f"{item!s}: no such file, directory or matching glob. To score a string itself, pass a "
-                    "list: perplexity(model, tok, [text])"
-                )
-            files += matches
-    texts = []
-    for f in files:
-        try:
-            texts.append(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{f}: cannot read as UTF-8 text: {e}") from None
-    return texts
 
 
 def _score(

@@ -32,7 +32,7 @@ import torch
 
 from ..config import EvalConfig, RunConfig, TrainConfig
 from ..errors import DataError, TrainingError
-from ..evaluate.forgetting import _evaluate_all
+from ..evaluate.forgetting import evaluate_splits
 from ..model.load import ModelSource
 from ..rundir import (
     RunDir,
@@ -193,7 +193,7 @@ def continued_pretrain(
         if resume_ckpt is not None and before_path.is_file():
             before = json.loads(before_path.read_text())
         else:
-            before = _evaluate_all(
+            before = evaluate_splits(
                 model, tokenizer, eval_ds, general_texts, eval_cfg, step=0, phase="before", run_dir=run_dir
             )
             RunDir(run_dir).write_eval_before(before)
@@ -227,7 +227,7 @@ def continued_pretrain(
 
     def periodic_eval(step: int) -> bool:
         """Evaluate mid-run; True asks the run to stop (forgetting budget exceeded)."""
-        res = _evaluate_all(
+        res = evaluate_splits(
             model,
             tokenizer,
             eval_ds,
@@ -288,7 +288,7 @@ def continued_pretrain(
     tokenizer.save_pretrained(str(adapter_dir))
     after: dict[str, Any] = {}
     if eval_cfg.enabled and not str(state.get("stopped", "")).startswith("interrupted"):
-        after = _evaluate_all(
+        after = evaluate_splits(
             model,
             tokenizer,
             eval_ds,
