@@ -41,6 +41,8 @@ log = logging.getLogger("lora_dapt")
 
 COMPLETE_MARKER = "lora_dapt_complete.json"
 """Written into a checkpoint after every file of it is on disk; a checkpoint without it does not count."""
+MERGE_REPORT = "merge_report.json"
+"""The verification report export.merge writes into every merged model directory."""
 EVAL_TEXTS_KEPT = 256
 """Held-out documents kept in ``eval_texts.json``."""
 
@@ -221,6 +223,11 @@ class RunDir:
     @property
     def plots_dir(self) -> Path:
         return self.path / "plots"
+
+    def read_merge_report(self) -> dict[str, Any] | None:
+        """``merged/merge_report.json`` of this run; None when the run has not been merged."""
+        data = _read_json(self.merged_dir / MERGE_REPORT)
+        return data if isinstance(data, dict) else None
 
     def has_adapter(self) -> bool:
         return (self.adapter_dir / "adapter_config.json").is_file()

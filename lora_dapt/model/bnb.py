@@ -68,13 +68,47 @@ def keep_4bit_trainable(model: Any) -> int:
     return switched
 
 
-def _quantized_linears(model: Any) -> dict[str, torch.nn.Module]:
+QUANTIZED_LINEAR_TYPES = ("Linear4bit", "Linear8bitLt")
+"""Class names of bitsandbytes' quantized linear layers (compared by name: bitsandbytes is imported lazily)."""
+
+
+def is_quantized_linear(module: Any) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer."""
+    return type(module).__name__ in QUANTIZED_LINEAR_TYPES
+
+
+def is_4bit_param(param: Any) -> bool:
+    """A bitsandbytes packed 4-bit weight (two values per stored byte)."""
+    return type(param).__name__ == "Params4bit"
+
+
+def logical_numel(param: Any) -> int:
+    """Parameters a tensor stands for: a packed 4-bit weight holds two per stored element."""
+    return param.numel() * (2 if is_4bit_param(param) else 1)
+
+
+def stored_bytes(param: Any) -> int:
+    """Bytes a loaded parameter holds, bitsandbytes' quantization constants included (4-bit absmax and
+    codebooks, nested ones with double quantization; int8 row scales)."""
+    n = param.numel() * param.element_size()
+    qs = getattr(param, "quant_state", None)
+    if qs is not None:
+        for t in (qs.absmax, qs.code, getattr(qs.state2, "absmax", None), getattr(qs.state2, "code", None)):
+            if t is not None:
+                n += t.numel() * t.element_size()
+    scb = getattr(param, "SCB", None)
+    if scb is not None:
+        n += scb.numel() * scb.element_size()
+    return n
+
+
+def quantized_linears(model: Any) -> dict[str, torch.nn.Module]:
     """bitsandbytes 4-bit/8-bit linear layers by module name."""
-    return {n: m for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+    return {n: m for n, m in model.named_modules() if is_quantized_linear(m)}
 
 
 @torch.no_grad()
-def _load_dequantized(peft_model: Any, quantized: dict[str, torch.nn.Module]) -> int:
+def load_dequantized(peft_model: Any, quantized: dict[str, torch.nn.Module]) -> int:
     """Overwrite the 16-bit weights under ``peft_model`` with the dequantized 4-bit/8-bit ones, in place.
 
     The peft wrappers keep the base layer at ``<name>.base_layer``, so we copy into that layer's weight; the
@@ -95,3 +129,8 @@ def _load_dequantized(peft_model: Any, quantized: dict[str, torch.nn.Module]) ->
         target.weight.data.copy_(w.to(target.weight.dtype).reshape(target.weight.shape))
         done += 1
     return done
+
+
+# Old private names, kept until every caller uses the public ones.
+_quantized_linears = quantized_linears
+_load_dequantized = load_dequantized

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..config import ModelConfig
 from ..errors import ConfigError, ModelLoadError
 from .attention import pick_attention, use_packed_sdpa
 from .bnb import keep_4bit_trainable, quantization_config
@@ -360,3 +361,25 @@ def load_base_model(
         dev,
     )
     return LoadedModel(model, tokenizer, record)
+
+
+def load_base_model_from(config: ModelConfig, **overrides: Any) -> LoadedModel:
+    """:func:`load_base_model` with the settings of a ``model`` config section; ``overrides`` replace single
+    arguments (e.g. ``quantization=None`` for a 16-bit load).
+
+    Example::
+
+        loaded = load_base_model_from(run_config.model)
+    """
+    kwargs: dict[str, Any] = {
+        "quantization": None if config.quantization == "none" else config.quantization,
+        "compute_dtype": config.compute_dtype,
+        "double_quant": config.double_quant,
+        "gguf_file": config.gguf_file,
+        "device": config.device,
+        "trust_remote_code": config.trust_remote_code,
+        "attn_implementation": config.attn_implementation,
+    }
+    kwargs.update(overrides)
+    name = kwargs.pop("name_or_path", config.name_or_path)
+    return load_base_model(name, **kwargs)
