@@ -1,4 +1,5 @@
-"""evaluate.py: perplexity and bits/byte checked against NLL computed by hand from the model's logits."""
+"""evaluate: perplexity and bits/byte checked against NLL computed by hand from the model's logits and
+against training's loss; generation, forgetting and the built-in general text."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from lora_dapt.evaluate.score import (
 )
 from lora_dapt.model.load import load_base_model
 from lora_dapt.model.lora import apply_lora
+from lora_dapt.model.loss import causal_lm_loss_sum
 from lora_dapt.plan.memory import peak_memory_bytes
 
 from .conftest import make_text
@@ -159,6 +161,48 @@ def test_packed_blocks_score_labels_like_separate_documents(model_tok):
     assert only_first.tokens == len(a) - 1 + len(b) - 1
 
 
+def packed_rows(tok) -> dict[str, list[list[int]]]:
+    """Two packed blocks of unequal length: one with two documents (the second's first token masked), one
+    with a document whose first half is masked like an SFT prompt."""
+    a, b, c = (ids_of(tok, make_text(n, s)) for n, s in ((14, 21), (9, 22), (20, 23)))
+    return {
+        "input_ids": [a + b, c],
+        "position_ids": [list(range(len(a))) + list(range(len(b))), list(range(len(c)))],
+        "labels": [a + [-100] + b[1:], [-100] * (len(c) // 2) + c[len(c) // 2 :]],
+    }
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["plain", "peft"])
+def test_eval_loss_is_the_training_loss_on_the_same_blocks(tiny_model_dir, adapter):
+    from datasets import Dataset
+
+    model, tok = load_base_model(tiny_model_dir, quantization=None)
+    if adapter:  # a LoRA that changes the forward pass, so the test sees the adapter
+        model = apply_lora(model, AdapterConfig(r=4, alpha=32, dropout=0.0, init_lora_weights=False))
+    rows = packed_rows(tok)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ids, pos, labels in zip(rows["input_ids"], rows["position_ids"], rows["labels"], strict=True):
+            loss_sum, count = causal_lm_loss_sum(
+                model, torch.tensor([ids]), torch.tensor([labels]), torch.tensor([pos])
+            )
+            total, n = total + float(loss_sum), n + count
+    assert n == sum(sum(x != -100 for x in labels[1:]) for labels in rows["labels"])
+    result = evaluate_blocks(model, Dataset.from_dict(rows), batch_size=2)  # padded into one batch
+    assert result.tokens == n
+    assert result.loss == pytest.approx(total / n, rel=1e-6)
+    # ... and both are the NLL of the labelled tokens, as the model's own logits give it.
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([rows["input_ids"][1]])).logits[0, :-1].float()
+        c_total, c_n = causal_lm_loss_sum(
+            model, torch.tensor([rows["input_ids"][1]]), torch.tensor([rows["labels"][1]])
+        )
+    target = torch.tensor(rows["labels"][1][1:])
+    keep = target != -100
+    by_hand = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+    assert float(c_total) == pytest.approx(by_hand, rel=1e-5) and c_n == int(keep.sum())
+
+
 def test_perplexity_dispatches_files_globs_and_text_datasets(model_tok, tmp_path):
     from datasets import Dataset
 
@@ -178,7 +222,7 @@ def test_perplexity_dispatches_files_globs_and_text_datasets(model_tok, tmp_path
         perplexity(model, tok, str(tmp_path / "missing*.md"))
     with pytest.raises(DataError, match="input_ids or a text column"):
         perplexity(model, tok, Dataset.from_dict({"body": texts}))
-    with pytest.raises(DataError, match="no target tokens|nothing to evaluate"):
+    with pytest.raises(DataError, match=r"nothing to evaluate \(0 texts gave no target tokens\)"):
         evaluate_texts(model, tok, [], seq_len=64)
 
 
@@ -221,6 +265,22 @@ def test_generate_samples_greedy_and_deterministic(model_tok):
     model.eval()
 
 
+def test_generate_chat_is_the_greedy_generator_on_the_chat_prompt(tiny_model_dir):
+    from lora_dapt.data.chat import chat_prompt, ensure_chat_template
+    from lora_dapt.evaluate.generate import generate_chat
+
+    model, tok = load_base_model(tiny_model_dir, quantization=None)
+    ensure_chat_template(tok)
+    model.train()
+    answer = generate_chat(model, tok, "Which field is 'dose' from?", max_new_tokens=8)
+    assert model.training  # eval mode only while generating
+    (sample,) = generate_samples(
+        model, tok, [chat_prompt(tok, "Which field is 'dose' from?")], max_new_tokens=8
+    )
+    assert answer == sample["completion"] and 1 <= sample["new_tokens"] <= 8
+    assert "### Assistant" not in answer  # only the new tokens are decoded
+
+
 def test_forgetting_report_and_table():
     before = {"domain": {"ppl": 20.0, "bits_per_byte": 2.0}, "general": EvalResult.from_totals(10.0, 10, 20)}
     after = {"domain": {"ppl": 15.0, "bits_per_byte": 1.5}, "general": 11.0, "samples": [{"prompt": "x"}]}
@@ -239,12 +299,36 @@ def test_forgetting_report_and_table():
     # A run stopped before the after-eval: a report with gaps, no crash.
     partial = forgetting_report(before, {})
     assert partial["domain"]["ppl_after"] is None and partial["domain"]["ppl_change"] is None
-    assert "-" in format_forgetting(partial)
+    partial_table = format_forgetting(partial).splitlines()
+    assert partial_table[1].split() == ["domain", "20.00", "-", "-", "2.0000", "-"]
+    assert partial_table[2].split() == ["general", "2.72", "-", "-", f"{10 / math.log(2) / 20:.4f}", "-"]
+
+
+# Measured on the tuple the built-in sample was before it became package data (git show
+# 4700ea2:lora_dapt/evaluate/forgetting.py): 12 texts, 5,699 characters, and the sha256 of json.dumps(texts).
+BUILTIN_TEXTS, BUILTIN_CHARS = 12, 5699
+BUILTIN_SHA256 = "c9993aa7f34151539998b235d9ef13766bc0438516ce10992701146d7c5df52a"
+
+
+def test_general_texts_builtin_is_the_shipped_sample_unchanged():
+    import hashlib
+    import json
+
+    builtin = general_texts()
+    assert len(builtin) == BUILTIN_TEXTS and sum(len(t) for t in builtin) == BUILTIN_CHARS
+    assert round(BUILTIN_CHARS, -2) == 5700  # the docstring's "twelve ... about 5,700 characters"
+    assert (
+        "twelve short paragraphs" in general_texts.__doc__
+        and "about 5,700 characters" in general_texts.__doc__
+    )
+    assert hashlib.sha256(json.dumps(builtin).encode()).hexdigest() == BUILTIN_SHA256
+    assert all(t == t.strip() and "\n" not in t for t in builtin)  # one paragraph each, no stray whitespace
+    assert general_texts() is not builtin and general_texts() == builtin  # a fresh list: callers may edit it
 
 
 def test_general_texts_builtin_and_sources(tmp_path):
     builtin = general_texts()
-    assert len(builtin) >= 10 and all(t.strip() for t in builtin)
+    assert len(builtin) == BUILTIN_TEXTS and all(t.strip() for t in builtin)
     assert not any("def " in t or "import " in t or ">>>" in t for t in builtin)  # prose, not code
     short = general_texts(max_chars=1000)
     assert sum(len(t) for t in short) == 1000
@@ -259,4 +343,7 @@ def test_peak_memory_is_at_least_current_rss():
 
     peak = peak_memory_bytes("cpu")
     assert peak >= 0.9 * psutil.Process().memory_info().rss
-    assert peak_memory_bytes() >= peak or torch.cuda.is_available()
+    if torch.cuda.is_available():  # the default device is CUDA: its allocator's peak
+        assert peak_memory_bytes() == torch.cuda.max_memory_allocated()
+    else:  # the default is the CPU, and a peak never falls
+        assert peak_memory_bytes() >= peak

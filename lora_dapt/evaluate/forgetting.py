@@ -1,10 +1,17 @@
-"""evaluate.forgetting (split from evaluate, train)."""
+"""Forgetting: the model before and after training, on the domain and on general text.
+
+Continued pre-training lowers the domain perplexity; the question is what it costs elsewhere. So every
+evaluation scores two splits, the held-out domain blocks and a general-English sample, and
+:func:`forgetting_report` compares them before and after: the domain number should fall, a rise of the
+general one is forgetting (the number ``EvalConfig.max_general_ppl_increase`` budgets).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +19,8 @@ from ..config import EvalConfig
 from ..data.sources import read_text_sources
 from ..errors import DataError
 from ..rundir import EvalRow, RunDir
-from .score import EvalResult
+from .generate import generate_samples
+from .score import EvalResult, evaluate_blocks, evaluate_texts
 
 log = logging.getLogger("lora_dapt")
 
@@ -29,14 +37,14 @@ def evaluate_splits(
     run_dir: Path,
     tokens_trained: int = 0,
 ) -> dict[str, Any]:
-    """Domain (held-out blocks) and general (texts) evaluation; rows go to metrics.jsonl.
+    """Domain (held-out blocks) and general (texts) evaluation at one point of a run, logged as one
+    :class:`~lora_dapt.rundir.EvalRow` per split in the run's metrics log; greedy samples of
+    ``eval_cfg.prompts`` are added before and after training.
 
     In a row, ``tokens`` is the number of tokens trained so far (the x axis of the plots) and ``eval_tokens``
-    the number of tokens scored.
+    the number of tokens scored. Returns ``{"domain": EvalResult dict, "general": ..., "samples": [...]}``
+    (each only when there was something to evaluate).
     """
-    from .generate import generate_samples
-    from .score import evaluate_blocks, evaluate_texts
-
     out: dict[str, Any] = {}
     if eval_ds is not None and len(eval_ds) > 0:
         seq_len = len(eval_ds[0]["input_ids"])
@@ -57,10 +65,9 @@ def evaluate_splits(
             max_tokens=eval_cfg.max_eval_tokens,
             desc=f"eval general ({phase})",
         ).to_dict()
+    run = RunDir(run_dir)
     for split, res in out.items():
-        RunDir(run_dir).append_metric(
-            EvalRow(step=step, phase=phase, split=split, result=res, tokens=tokens_trained)
-        )
+        run.append_metric(EvalRow(step=step, phase=phase, split=split, result=res, tokens=tokens_trained))
         log.info("%s eval %s: loss %.4f ppl %.3f", phase, split, res["loss"], res["ppl"])
     if eval_cfg.prompts and phase in ("before", "after"):
         out["samples"] = generate_samples(
@@ -69,71 +76,14 @@ def evaluate_splits(
     return out
 
 
-# Written for lora_dapt (Apache-2.0 like the code): everyday English on topics far from any technical
-# corpus. See general_texts for why this and not text found on the machine.
-_GENERAL_ENGLISH = (
-    "The market opens early on Saturdays, long before most of the town is awake. By six o'clock the first "
-    "vans have backed into their places along the square, and the sellers are unfolding tables, stacking "
-    "crates of apples and hanging hand-written signs. An old man who has sold honey there for thirty years "
-    "sets out his jars in neat rows, the darkest at the back. Children arrive later with their parents and "
-    "stop at the bakery stall, where the smell of warm bread is hard to walk past. By noon most of the "
-    "vegetables are gone, and the square slowly returns to being a car park.",
-    "Dear Anna, thank you for your letter, which reached me just before the storm. We lost power for two "
-    "days, so I read it again by candlelight and laughed at your story about the neighbour's goat. The "
-    "garden survived better than I expected: the beans were flattened, but the tomatoes are still standing. "
-    "I hope you can visit in the autumn, when the hills turn red and the roads are quiet. Bring warm "
-    "clothes, because the evenings are already cold. With love, Margaret.",
-    "To make a simple vegetable soup, start by chopping an onion, two carrots and a stick of celery. Soften "
-    "them gently in a little oil for about ten minutes, without letting them brown. Add a handful of diced "
-    "potatoes, a tin of tomatoes and enough water or stock to cover everything. Let it simmer until the "
-    "potatoes are tender, then season with salt and pepper. Some people like to blend it until smooth; "
-    "others prefer it chunky. Either way, it tastes even better the next day.",
-    "The home team started nervously and fell behind after only eight minutes, when a long ball caught "
-    "their defence out of position. For the rest of the first half they struggled to keep possession. "
-    "Whatever the coach said at the interval worked: they came out with far more energy, equalised from a "
-    "corner within five minutes and scored the winner late in the game with a shot from the edge of the "
-    "area. The crowd, which had been quiet for an hour, sang all the way home.",
-    "Nobody in the village remembers exactly when the old stone bridge was built, but everyone agrees that "
-    "it has outlasted every flood. In the spring of one wet year the river rose so high that water ran "
-    "across the road on both sides, yet the bridge itself stood firm. Farmers used to drive their cattle "
-    "over it on the way to the summer pastures, and their grandchildren still stop in the middle to drop "
-    "sticks into the current and race to the other side to see which one appears first.",
-    "If you want tomatoes that taste of something, give them as much sun as you can and do not overwater "
-    "them. Plant them deeply, because they grow roots along the buried part of the stem. Pinch out the side "
-    "shoots that appear between the main stem and the leaves, and tie the plant loosely to a stake as it "
-    "grows. When the fruit begins to ripen, a little less water concentrates the flavour. Pick them when "
-    "they are fully coloured and slightly soft.",
-    "The dog had been missing for three days when a woman from the next valley telephoned. She had found "
-    "him asleep in her barn, thin and muddy but otherwise fine, with his collar still on. The family drove "
-    "over that same evening. He heard the car before anyone got out and came running across the yard, "
-    "barking so loudly that the hens scattered. On the way home he slept with his head on the youngest "
-    "boy's knee and did not move until they reached the front door.",
-    "The night train leaves the capital a little after nine and arrives at the coast early the next "
-    "morning. The carriages are old but comfortable, and the beds are made up with crisp white sheets. Most "
-    "passengers fall asleep soon after the lights of the suburbs disappear. Those who stay awake can watch "
-    "small stations pass in the dark, each with a single lamp and a sleepy guard. At dawn the line follows "
-    "the shore, and the first thing many travellers see is the sea turning from grey to blue.",
-    "The town council met on Tuesday evening to discuss plans for the empty library building. Several "
-    "residents argued that it should become a community centre with rooms for clubs and classes, while "
-    "others wanted it sold to pay for repairs to the swimming pool. After a long debate the council agreed "
-    "to ask local people for their views before making a decision. A public meeting will be held next "
-    "month, and written comments can be left at the town hall until the end of the year.",
-    "Most adults need between seven and nine hours of sleep a night, although the amount varies from person "
-    "to person. Going to bed and getting up at the same time every day, even at weekends, helps the body "
-    "keep a steady rhythm. A cool, dark and quiet bedroom makes it easier to fall asleep, and so does "
-    "avoiding heavy meals and bright screens late in the evening. A short walk in daylight can also make "
-    "a surprising difference to how well you sleep.",
-    "When my grandmother was young, the nearest doctor lived a full day's walk away, and letters took weeks "
-    "to arrive. She often told us how the whole street would gather around the first radio anyone owned to "
-    "listen to the news and the Sunday concert. She never learned to drive, but she travelled more than "
-    "anyone else in the family, by bus, by boat and once, at the age of seventy, by aeroplane. She said the "
-    "clouds from above looked exactly as she had always imagined them.",
-    "Rain had been forecast for the whole weekend, but on Sunday morning the sky cleared and the sun came "
-    "out. People who had planned to stay indoors changed their minds, and by ten o'clock the park was full "
-    "of families, dogs and runners. The ice cream seller, who had almost not come, ran out of cones before "
-    "lunch. In the afternoon the clouds returned, a cold wind picked up, and everyone hurried home just "
-    "before the first heavy drops began to fall.",
-)
+GENERAL_ENGLISH_FILE = "general_english.txt"
+"""Package data of this subpackage: the built-in general text, one text per line ('#' lines: comments)."""
+
+
+def _builtin_general_texts() -> list[str]:
+    """The built-in everyday-English sample (package data; see :func:`general_texts` for why this text)."""
+    text = resources.files(__package__).joinpath(GENERAL_ENGLISH_FILE).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def general_texts(
@@ -169,7 +119,7 @@ def general_texts(
         log.info(
             "general eval text: built-in everyday-English sample (set eval.general_sources for your own)"
         )
-        texts = list(_GENERAL_ENGLISH)
+        texts = _builtin_general_texts()
     else:
         texts = read_text_sources(sources)
     out, left = [], max_chars

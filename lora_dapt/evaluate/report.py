@@ -1,39 +1,45 @@
-"""A run's report: ``report.md`` and PNG plots, built from what the run directory holds.
+"""A run's report (Markdown) and PNG plots, built from what the run directory holds, read through RunDir.
 
-Inputs (each optional; whatever is missing is named in the report instead of stopping it, because a report
-is most needed for a run that crashed or was stopped):
+Inputs (each optional; whatever is missing or unreadable is named in the report instead of stopping it,
+because a report is most needed for a run that crashed or was stopped):
 
-* ``metrics.jsonl``: one JSON object per line, appended while training, so the last line can be cut short
-  by a crash (:func:`load_metrics` skips it with a warning). Rows::
+* the metrics log (:meth:`RunDir.read_metrics`): appended while training, so its last line can be cut short
+  by a crash (it is skipped with a warning). Rows (:class:`~lora_dapt.rundir.TrainRow`, ``EvalRow``)::
 
       {"type": "train", "step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s", ...}
-      {"type": "eval", "step", "tokens", "phase": "before"|"during"|"after", "split": "domain"|"general",
-       "loss", "ppl", "bits_per_byte", ...}
+      {"type": "eval", "step", "tokens", "eval_tokens", "phase": "before"|"during"|"after",
+       "split": "domain"|"general", "loss", "ppl", "bits_per_byte", ...}
 
-* ``summary.json``: written at the end of a run (:class:`lora_dapt.train.TrainResult` plus ``data_stats``):
-  ``before`` / ``after`` (split -> :meth:`EvalResult.to_dict`, and ``samples``: a list of
-  ``{"prompt", "completion"}``), ``forgetting``, ``steps``, ``tokens_trained``, ``final_loss``,
-  ``tokens_per_s``, ``wall_time_s``, ``peak_memory_bytes``, ``stopped``, ``data_stats``.
-* ``config.yaml``: the resolved run configuration.
+* the summary (:meth:`RunDir.read_summary`), written at the end of a run
+  (:class:`lora_dapt.train.TrainResult` plus ``data_stats``): ``before`` / ``after`` (split ->
+  :meth:`EvalResult.to_dict`, and ``samples``: a list of ``{"prompt", "completion"}``), ``forgetting``,
+  ``steps``, ``tokens_trained``, ``final_loss``, ``tokens_per_s``, ``wall_time_s``, ``peak_memory_bytes``,
+  ``stopped``, ``data_stats``.
+* the resolved run configuration (:meth:`RunDir.read_config`).
 
-Outputs: ``report.md``, ``plots/loss.png`` (train loss and eval loss vs tokens trained) and ``plots/lr.png``.
-Plots are drawn on matplotlib ``Figure`` objects with the Agg canvas, never through pyplot, so no display
-is needed and the caller's matplotlib backend is left alone.
+Outputs: the report at :attr:`RunDir.report_path`, and in :attr:`RunDir.plots_dir` the plots of
+:mod:`lora_dapt.evaluate.plots` (train and eval loss vs tokens trained; the learning rate).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from ..errors import RunDirError
+from ..rundir import RunDir
 from .forgetting import forgetting_report
+from .plots import LOSS_PLOT, LR_PLOT, plot_loss, plot_lr
+
+__all__ = ["RunDirError", "load_metrics", "plot_loss", "plot_lr", "write_report"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("lora_dapt")
 
@@ -64,76 +70,34 @@ _CONFIG_ROWS = (
 )
 
 
-def _run_dir(run_dir: str | Path) -> Path:
-    path = Path(run_dir).expanduser()
-    if not path.is_dir():
-        raise RunDirError(
-            f"run directory not found: {path} (give the train.output_dir of a run, the folder holding "
-            "metrics.jsonl and config.yaml)"
-        )
-    return path
+_NO_SUMMARY = "not found (the run did not finish, or is still running)"
 
 
 def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``RUN_DIR/metrics.jsonl`` in order; [] when the file does not exist.
+    """The rows of a run's metrics log in order; [] when there is none (:meth:`RunDir.read_metrics`).
 
     A last line that is not valid JSON (a crash in the middle of a write) is skipped with a warning; so is
-    any other malformed line, naming its number.
+    any other malformed line, naming its number. Raises :class:`RunDirError` when ``run_dir`` is not a
+    directory.
 
     Example::
 
         rows = load_metrics("runs/demo")
         losses = [r["loss"] for r in rows if r.get("type") == "train"]
     """
-    path = _run_dir(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == last:
-                log.warning("%s: last line is cut short (a crash while writing?); skipped it", path)
-            else:
-                log.warning("%s: line %d is not valid JSON; skipped it", path, i + 1)
-            continue
-        if not isinstance(row, dict):
-            log.warning("%s: line %d is not a JSON object; skipped it", path, i + 1)
-            continue
-        rows.append(row)
-    return rows
+    return RunDir.open(run_dir).read_metrics()
 
 
-def _read_json(path: Path, missing: list[str]) -> dict[str, Any]:
+def _read(path: Path, read: Callable[[], T], absent: str, missing: list[str]) -> T | None:
+    """``read()``, or None with a line in ``missing`` when the file at ``path`` is absent or unreadable."""
     if not path.is_file():
-        missing.append(f"`{path.name}`: not found (the run did not finish, or is still running)")
-        return {}
+        missing.append(f"`{path.name}`: {absent}")
+        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return read()
+    except RunDirError as e:
         missing.append(f"`{path.name}`: unreadable ({e})")
-        return {}
-    if not isinstance(data, dict):
-        missing.append(f"`{path.name}`: not a JSON object")
-        return {}
-    return data
-
-
-def _read_config(path: Path, missing: list[str]) -> dict[str, Any]:
-    if not path.is_file():
-        missing.append("`config.yaml`: not found, so the configuration is not shown")
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        missing.append(f"`config.yaml`: not valid YAML ({e})")
-        return {}
-    return data if isinstance(data, dict) else {}
+        return None
 
 
 def _num(value: Any, spec: str = ".4g") -> str:
@@ -195,7 +159,7 @@ def _evals_by_phase(summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict
     out: dict[str, dict[str, Any]] = {"before": {}, "after": {}}
     for row in rows:
         if row.get("type") == "eval" and row.get("phase") in out and isinstance(row.get("split"), str):
-            # A row's "tokens" may be tokens trained or tokens scored (see _eval_x): not shown as either.
+            # A row's "tokens" may be tokens trained or tokens scored (see plots.eval_x): shown as neither.
             out[row["phase"]][row["split"]] = {**row, "tokens": row.get("eval_tokens")}
     for phase in out:
         from_summary = summary.get(phase)
@@ -205,125 +169,7 @@ def _evals_by_phase(summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict
     return out
 
 
-def _eval_x(row: dict[str, Any], train_rows: list[dict[str, Any]], tokens_trained: Any) -> float:
-    """Tokens trained when an eval row was written, found from its step and the train rows.
-
-    The eval row's own ``tokens`` is not trusted: rows are built as ``{..., "tokens": trained, **result}``
-    and :meth:`EvalResult.to_dict` has a ``tokens`` key too (tokens scored), which then wins. Tokens per
-    step are constant with packed blocks, so interpolating between logged train rows is exact up to rounding.
-    """
-    step = row.get("step") if isinstance(row.get("step"), (int, float)) else 0
-    if row.get("phase") == "before" or step <= 0:
-        return 0.0
-    if row.get("phase") == "after" and isinstance(tokens_trained, (int, float)):
-        return float(tokens_trained)
-    pts = sorted(
-        (float(r["step"]), float(r["tokens"]))
-        for r in train_rows
-        if isinstance(r.get("step"), (int, float))
-        and isinstance(r.get("tokens"), (int, float))
-        and r["step"] > 0
-    )
-    if not pts:
-        return float(row["tokens"]) if isinstance(row.get("tokens"), (int, float)) else float(step)
-    prev = (0.0, 0.0)
-    for s, t in pts:
-        if step <= s:
-            return prev[1] + (t - prev[1]) * (step - prev[0]) / (s - prev[0])
-        prev = (s, t)
-    return prev[1] + (step - prev[0]) * prev[1] / prev[0]  # past the last logged step: same tokens per step
-
-
-def _new_figure() -> tuple[Any, Any]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot(1, 1, 1)
-
-
-def _x_of(rows: list[dict[str, Any]]) -> tuple[list[float], str]:
-    """Tokens trained when the rows have them, else optimizer steps (older or partial logs)."""
-    if (
-        rows
-        and all(isinstance(r.get("tokens"), (int, float)) for r in rows)
-        and any(r["tokens"] for r in rows)
-    ):
-        return [float(r["tokens"]) for r in rows], "tokens trained"
-    return [float(r.get("step") or 0) for r in rows], "optimizer step"
-
-
-def plot_loss(
-    train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]], path: Path, tokens_trained: Any = None
-) -> Path | None:
-    """Train loss and eval loss (per split, markers by phase) against tokens trained; None if nothing to draw."""
-    train = [r for r in train_rows if isinstance(r.get("loss"), (int, float))]
-    evals = [r for r in eval_rows if isinstance(r.get("loss"), (int, float))]
-    if not train and not evals:
-        return None
-    fig, ax = _new_figure()
-    x, xlabel = _x_of(train)
-    if train:
-        ax.plot(x, [r["loss"] for r in train], color="tab:blue", linewidth=1.2, label="train loss")
-    markers = {"before": "o", "during": ".", "after": "s"}
-    colors = {"domain": "tab:orange", "general": "tab:green"}
-    by_x = xlabel == "tokens trained" or not train
-    for split in sorted({str(r.get("split")) for r in evals}):
-        points = sorted(
-            (
-                (_eval_x(r, train, tokens_trained) if by_x else float(r.get("step") or 0)),
-                r["loss"],
-                str(r.get("phase")),
-            )
-            for r in evals
-            if str(r.get("split")) == split
-        )
-        color = colors.get(split, "tab:gray")
-        ax.plot([p[0] for p in points], [p[1] for p in points], color=color, linewidth=0.8, linestyle="--")
-        for phase, marker in markers.items():
-            sel = [p for p in points if p[2] == phase]
-            if sel:
-                ax.scatter(
-                    [p[0] for p in sel],
-                    [p[1] for p in sel],
-                    color=color,
-                    marker=marker,
-                    s=36,
-                    zorder=3,
-                    label=f"eval {split} ({phase})",
-                )
-    ax.set_xlabel(xlabel if train else "tokens trained")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title("Loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def plot_lr(train_rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Learning rate against tokens trained; None when no row has a learning rate."""
-    rows = [r for r in train_rows if isinstance(r.get("lr"), (int, float))]
-    if not rows:
-        return None
-    fig, ax = _new_figure()
-    x, xlabel = _x_of(rows)
-    ax.plot(x, [r["lr"] for r in rows], color="tab:purple", linewidth=1.2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("learning rate")
-    ax.set_title("Learning rate")
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def _config_section(config: dict[str, Any]) -> list[str]:
+def _config_section(config: dict[str, Any], name: str) -> list[str]:
     rows = []
     for section, key, label in _CONFIG_ROWS:
         part = config.get(section)
@@ -336,7 +182,7 @@ def _config_section(config: dict[str, Any]) -> list[str]:
     full = yaml.safe_dump(config, sort_keys=False).rstrip()
     return lines + [
         "",
-        "<details><summary>full config.yaml</summary>",
+        f"<details><summary>full {name}</summary>",
         "",
         "```yaml",
         full,
@@ -347,10 +193,10 @@ def _config_section(config: dict[str, Any]) -> list[str]:
     ]
 
 
-def _data_section(stats: Any) -> list[str]:
+def _data_section(stats: Any, name: str) -> list[str]:
     lines = ["## Data", ""]
     if not isinstance(stats, dict) or not stats:
-        return lines + ["_No data statistics in summary.json._", ""]
+        return lines + [f"_No data statistics in {name}._", ""]
     rows = []
     for key, value in stats.items():
         if isinstance(value, dict) and all(not isinstance(v, (dict, list)) for v in value.values()):
@@ -463,35 +309,35 @@ def _samples_section(samples: list[tuple[str, str | None, str | None]]) -> list[
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write ``RUN_DIR/report.md`` and ``RUN_DIR/plots/{loss,lr}.png``; return the report's path.
+    """Write the run's report (:attr:`RunDir.report_path`) and its plots (in :attr:`RunDir.plots_dir`);
+    return the report's path.
 
-    Works on whatever the run left behind: missing or partial pieces (no summary.json after a crash, no
-    after-training evaluation after an early stop, a cut-short last metrics line) are listed under
-    "Missing" in the report. Raises :class:`RunDirError` when ``run_dir`` is not a directory.
+    Works on whatever the run left behind: missing or partial pieces (no summary after a crash, no
+    after-training evaluation after an early stop, a cut-short last metrics line, an unreadable file) are
+    listed under "Missing" in the report. Raises :class:`RunDirError` when ``run_dir`` is not a directory.
 
     Example::
 
         path = write_report("runs/demo")      # also: lora-dapt report runs/demo
         print(path.read_text())
     """
-    root = _run_dir(run_dir)
+    run = RunDir.open(run_dir)
     missing: list[str] = []
-    rows = load_metrics(root)
-    if not (root / "metrics.jsonl").is_file():
-        missing.append("`metrics.jsonl`: not found, so there are no curves")
-    summary = _read_json(root / "summary.json", missing)
-    config = _read_config(root / "config.yaml", missing)
+    rows = _read(run.metrics_path, run.read_metrics, "not found, so there are no curves", missing) or []
+    summary = _read(run.summary_path, run.read_summary, _NO_SUMMARY, missing) or {}
+    config = _read(run.config_path, run.read_config, "not found, so the configuration is not shown", missing)
     train_rows = sorted(
         (r for r in rows if r.get("type") == "train"),
         key=lambda r: (r.get("step") or 0, r.get("tokens") or 0),
     )
     eval_rows = [r for r in rows if r.get("type") == "eval"]
     if rows and not train_rows:
-        missing.append("training rows in metrics.jsonl: none (the run stopped before the first logged step)")
+        missing.append(
+            f"training rows in {run.metrics_path.name}: none (the run stopped before the first logged step)"
+        )
 
-    plots_dir = root / "plots"
-    loss_png = plot_loss(train_rows, eval_rows, plots_dir / "loss.png", summary.get("tokens_trained"))
-    lr_png = plot_lr(train_rows, plots_dir / "lr.png")
+    loss_png = plot_loss(train_rows, eval_rows, run.plots_dir / LOSS_PLOT, summary.get("tokens_trained"))
+    lr_png = plot_lr(train_rows, run.plots_dir / LR_PLOT)
     if loss_png is None:
         missing.append("loss plot: no train or eval losses to draw")
     if lr_png is None:
@@ -502,25 +348,24 @@ def write_report(run_dir: str | Path) -> Path:
     elif summary:
         status = "finished"
     else:
-        status = "incomplete (no summary.json: still running, crashed or interrupted)"
+        status = f"incomplete (no {run.summary_path.name}: still running, crashed or interrupted)"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
-    header = [f"# Run report: {root.name}", "", f"- run directory: `{root}`", f"- status: {status}"]
+    header = [f"# Run report: {run.path.name}", "", f"- run directory: `{run.path}`", f"- status: {status}"]
     header += [f"- generated: {generated} by `lora-dapt report`", ""]
     lines = _eval_section(_evals_by_phase(summary, rows), missing)
     lines += _training_section(summary, train_rows)
     lines += ["## Plots", ""]
     for png, title in ((loss_png, "loss"), (lr_png, "learning rate")):
         if png is not None:
-            lines += [f"![{title}](plots/{png.name})", ""]
+            lines += [f"![{title}]({png.relative_to(run.path).as_posix()})", ""]
     lines += _samples_section(_samples(summary))
-    lines += _data_section(summary.get("data_stats"))
-    lines += _config_section(config)
+    lines += _data_section(summary.get("data_stats"), run.summary_path.name)
+    lines += _config_section(config or {}, run.config_path.name)
     if missing:  # near the top: what the reader must know before trusting the numbers below
         header += ["## Missing", "", *(f"- {m}" for m in missing), ""]
-    lines = header + lines
 
-    out = root / "report.md"
-    out.write_text("\n".join(lines), encoding="utf-8")
+    out = run.report_path
+    out.write_text("\n".join(header + lines), encoding="utf-8")
     log.info("report written: %s%s", out, f" ({len(missing)} pieces missing)" if missing else "")
     return out

@@ -1,6 +1,9 @@
-"""Perplexity and bits-per-byte on held-out text; generation samples; the forgetting report.
+"""The one scorer: perplexity and bits per byte of held-out text, from raw texts or packed blocks.
 
-Two ways to score text, one definition of the number:
+Two ways to feed text, one definition of the number, one loss: both paths build ``labels`` (-100 where a
+position is not a target) and sum the NLL with :func:`lora_dapt.model.loss.causal_lm_loss_sum`, the loss
+training minimises, so the eval loss and the train loss are the same function of the same positions (and,
+unless the head post-processes its logits, scoring never materialises ``[batch, seq, vocab]`` logits).
 
 * :func:`evaluate_texts` takes raw strings. Each is tokenized with BOS (when the tokenizer adds one) and EOS,
   then scored with sliding windows of ``seq_len`` tokens. Every target token (every token but the first of
@@ -9,7 +12,7 @@ Two ways to score text, one definition of the number:
   (the default) is the cheapest: consecutive windows share one token, the one that predicts the next
   window's first target. A small stride costs ``seq_len / stride`` times more compute and gives every
   token a long context, i.e. a lower, fairer perplexity.
-* :func:`evaluate_blocks` takes the packed blocks of :mod:`lora_dapt.packing` (``input_ids``,
+* :func:`evaluate_blocks` takes the packed blocks of :mod:`lora_dapt.data.packing` (``input_ids``,
   ``position_ids``, ``labels``) and scores the labels exactly as training does, so the eval loss is
   comparable to the train loss.
 
@@ -39,6 +42,7 @@ import torch
 
 from ..data.sources import read_text_sources
 from ..errors import ConfigError, DataError
+from ..model.loss import causal_lm_loss_sum
 
 log = logging.getLogger("lora_dapt")
 
@@ -134,9 +138,13 @@ def _progress(total: int, desc: str, unit: str = "tok") -> Any:
     )
 
 
-def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Summed NLL in nats; logits [n, V] in any dtype are upcast to float32 for a stable log-softmax."""
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
+def _summed_nll(
+    model: Any, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[float, int]:
+    """Summed NLL in nats over the targets of ``labels`` (``labels[t]`` is predicted at position t - 1;
+    -100: not a target) and their count: the training loss, read as Python numbers. Call under _scoring."""
+    total, n = causal_lm_loss_sum(model, input_ids, labels, position_ids)
+    return (float(total) if n else 0.0), n
 
 
 def sliding_windows(n_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
@@ -207,7 +215,8 @@ def evaluate_texts(
         seq_len: window length in tokens; default ``min(model max positions, 1024)``.
         stride: new target tokens per window, at most ``seq_len - 1`` (the default). Smaller: more context
             per token, ``seq_len / stride`` times the compute.
-        batch_size: windows per forward pass. The logits of one pass are ``batch_size x seq_len x vocab``.
+        batch_size: windows per forward pass. The loss computes the logits of the targets only, in chunks
+            when they are large (see :mod:`lora_dapt.model.loss`).
         max_tokens: stop after this many target tokens. The text where the cut falls is scored up to the
             cut and its bytes are counted up to the end of the last scored token, so bits_per_byte stays
             honest.
@@ -273,15 +282,21 @@ def evaluate_texts(
             batch = windows[b : b + batch_size]
             width = batch[0][2] - batch[0][1]
             rows = [docs[d][s:e] + [pad] * (width - (e - s)) for d, s, e, _ in batch]
-            input_ids = torch.tensor(rows, dtype=torch.long, device=device)
+            # Targets ids[first:e] of a window sit at columns first-s .. e-s-1; the window's context
+            # (columns before first-s) and the right padding are not targets.
+            labels = [
+                [-100] * (first - s) + docs[d][first:e] + [-100] * (width - (e - s))
+                for d, s, e, first in batch
+            ]
             # No attention mask: padding sits at the right end and attention is causal, so real tokens never
             # see it; passing none also keeps every attention kernel on its plain causal path.
-            logits = model(input_ids=input_ids, use_cache=False).logits  # [B, width, V]
-            for row, (_, s, e, first) in enumerate(batch):
-                # logits[t] predicts token t + 1: targets ids[first:e] come from positions first-1-s .. e-2-s.
-                target = input_ids[row, first - s : e - s].to(logits.device)
-                nll += _nll_sum(logits[row, first - s - 1 : e - s - 1], target)
-                bar.update(e - first)
+            batch_nll, _ = _summed_nll(
+                model,
+                torch.tensor(rows, dtype=torch.long, device=device),  # [B, width]
+                torch.tensor(labels, dtype=torch.long, device=device),  # [B, width]
+            )
+            nll += batch_nll
+            bar.update(sum(e - first for _, _, e, first in batch))
     result = EvalResult.from_totals(nll, total_targets, n_bytes, time.perf_counter() - start_time)
     _log_result(desc, result)
     return result
@@ -312,7 +327,8 @@ def evaluate_blocks(
 
     Each row has ``input_ids``, ``position_ids`` (restarting at 0 at every document start, which is how
     transformers keeps packed documents apart when no attention mask is passed) and ``labels`` (-100 where
-    nothing is scored). As in transformers, ``logits[t]`` predicts ``labels[t + 1]``. Blocks of unequal
+    nothing is scored). As in transformers and in training's loss, ``logits[t]`` predicts ``labels[t + 1]``:
+    the loss is :func:`~lora_dapt.model.loss.causal_lm_loss_sum` over the same blocks. Blocks of unequal
     length are right-padded with labels -100. ``bits_per_byte`` is reported only when the dataset has a
     ``bytes`` column (UTF-8 bytes covered by each block's labels).
 
@@ -349,18 +365,14 @@ def evaluate_blocks(
                 data = [list(x) + [fill] * (width - len(x)) for x in rows[key]]
                 return torch.tensor(data, dtype=torch.long, device=device)
 
-            input_ids = padded("input_ids", 0)
-            labels = padded("labels", -100)
-            kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
-            if has_pos:
-                # Padding gets position 0: read as one more (ignored) document after the real ones.
-                kwargs["position_ids"] = padded("position_ids", 0)
-            logits = model(**kwargs).logits  # [B, width, V]
-            shifted = labels[:, 1:].to(logits.device)
-            keep = shifted != -100
-            if keep.any():
-                nll += _nll_sum(logits[:, :-1][keep], shifted[keep])
-                tokens += int(keep.sum())
+            # Padding gets label -100 (not a target) and position 0: read as one more, ignored, document
+            # after the real ones.
+            position_ids = padded("position_ids", 0) if has_pos else None
+            batch_nll, batch_tokens = _summed_nll(
+                model, padded("input_ids", 0), padded("labels", -100), position_ids
+            )
+            nll += batch_nll
+            tokens += batch_tokens
             if has_bytes:
                 n_bytes += sum(int(x) for x in rows["bytes"])
             bar.update(len(rows["input_ids"]))
@@ -373,40 +385,49 @@ def evaluate_blocks(
     return result
 
 
-def _score(
+def score(
     model: Any,
     tokenizer: Any,
     data: Any,
-    seq_len: int | None,
-    stride: int | None,
-    batch_size: int,
-    max_tokens: int | None,
-    desc: str,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 4,
+    *,
+    max_tokens: int | None = None,
+    desc: str = "eval",
 ) -> EvalResult:
-    if isinstance(data, (str, Path)):
-        return evaluate_texts(
-            model, tokenizer, read_text_sources(data), seq_len, stride, batch_size, max_tokens, desc
-        )
-    if isinstance(data, (list, tuple)):
-        if all(isinstance(t, str) for t in data):
-            return evaluate_texts(model, tokenizer, data, seq_len, stride, batch_size, max_tokens, desc)
-        if all(isinstance(t, (str, Path)) for t in data):
-            return evaluate_texts(
-                model, tokenizer, read_text_sources(data), seq_len, stride, batch_size, max_tokens, desc
-            )
+    """The full :class:`EvalResult` of ``model`` on any input :func:`perplexity` accepts.
+
+    Texts, files, globs and datasets with a ``text`` column go to :func:`evaluate_texts`; datasets of packed
+    blocks (an ``input_ids`` column) to :func:`evaluate_blocks`, which ignores ``seq_len`` and ``stride``.
+    """
     columns = getattr(data, "column_names", None)
-    if isinstance(columns, list):
+    paths = isinstance(data, (list, tuple)) and all(isinstance(t, (str, Path)) for t in data)
+    if isinstance(data, (str, Path)) or (paths and not all(isinstance(t, str) for t in data)):
+        data = read_text_sources(data)  # a path, glob or directory, or a list of them (a list of str: texts)
+    elif isinstance(columns, list):
         if "input_ids" in columns:
             return evaluate_blocks(model, data, batch_size, desc=desc, max_tokens=max_tokens)
-        if "text" in columns:
-            return evaluate_texts(
-                model, tokenizer, list(data["text"]), seq_len, stride, batch_size, max_tokens, desc
-            )
-        raise DataError(f"a dataset to evaluate needs an input_ids or a text column; it has {columns}")
-    raise DataError(
-        f"cannot evaluate a {type(data).__name__}: give a list of strings, a file/directory/glob path, or a "
-        "datasets.Dataset with input_ids (packed blocks) or text"
-    )
+        if "text" not in columns:
+            raise DataError(f"a dataset to evaluate needs an input_ids or a text column; it has {columns}")
+        data = list(data["text"])
+    elif not paths:
+        raise DataError(
+            f"cannot evaluate a {type(data).__name__}: give a list of strings, a file/directory/glob path, or "
+            "a datasets.Dataset with input_ids (packed blocks) or text"
+        )
+    return evaluate_texts(model, tokenizer, data, seq_len, stride, batch_size, max_tokens, desc)
+
+
+def _metric(result: EvalResult, metric: str) -> float:
+    """One number of ``result``; bits per byte needs the byte count, which packed blocks may lack."""
+    value = getattr(result, metric)
+    if value is None:
+        raise DataError(
+            "bits per byte needs the byte count of the text: pass raw texts or files, or packed blocks with a "
+            "'bytes' column"
+        )
+    return value
 
 
 def perplexity(
@@ -423,14 +444,16 @@ def perplexity(
 
     ``data`` is a list of strings, a path / directory / glob of .txt/.md/.rst files (or a list of those),
     a ``datasets.Dataset`` of packed blocks (``input_ids``, ``labels``; ``seq_len``/``stride`` unused) or a
-    ``datasets.Dataset`` with a ``text`` column. See :func:`evaluate_texts` for seq_len and stride.
+    ``datasets.Dataset`` with a ``text`` column. See :func:`evaluate_texts` for seq_len and stride, and
+    :func:`score` for the whole :class:`EvalResult`.
 
     Example::
 
         ld.perplexity(model, tok, corpus.eval)                     # packed held-out blocks
         ld.perplexity(model, tok, "notes/*.md", stride=256)        # files, long context per token
     """
-    return _score(model, tokenizer, data, seq_len, stride, batch_size, max_tokens, "perplexity").ppl
+    args = (model, tokenizer, data, seq_len, stride, batch_size)
+    return _metric(score(*args, max_tokens=max_tokens, desc="perplexity"), "ppl")
 
 
 def bits_per_byte(
@@ -449,10 +472,5 @@ def bits_per_byte(
 
         bits_per_byte(model_a, tok_a, texts), bits_per_byte(model_b, tok_b, texts)   # fair comparison
     """
-    result = _score(model, tokenizer, texts, seq_len, stride, batch_size, max_tokens, "bits/byte")
-    if result.bits_per_byte is None:
-        raise DataError(
-            "bits per byte needs the byte count of the text: pass raw texts or files, or packed blocks with a "
-            "'bytes' column"
-        )
-    return result.bits_per_byte
+    args = (model, tokenizer, texts, seq_len, stride, batch_size)
+    return _metric(score(*args, max_tokens=max_tokens, desc="bits/byte"), "bits_per_byte")
