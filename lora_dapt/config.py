@@ -9,248 +9,51 @@ unknown keys, wrong types and impossible values are collected and raised togethe
       - adapter.r = 0: must be > 0 (a LoRA rank such as 8, 16 or 64)
       - train.lerning_rate: unknown key; did you mean 'learning_rate'?
 
-YAML is read with ``yaml.safe_load`` only (no Python objects from strangers' files).
+YAML is read with ``yaml.safe_load`` only (no Python objects from strangers' files). The machinery every
+section shares (type coercion, collected problems, unknown keys, field docs) is ``lora_dapt._sections``;
+this module holds the sections themselves.
 """
 
 from __future__ import annotations
 
-import ast
-import copy
-import dataclasses
-import difflib
-import inspect
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from ._sections import Section, apply_overrides, describe_section, field_docs, positive, unknown_name
 from .errors import ConfigError
+
+__all__ = [
+    "SECTIONS",
+    "AdapterConfig",
+    "DataConfig",
+    "DType",
+    "EvalConfig",
+    "MergeConfig",
+    "ModelConfig",
+    "Optimizer",
+    "Precision",
+    "Quantization",
+    "RunConfig",
+    "SFTConfig",
+    "Scheduler",
+    "TrainConfig",
+    "apply_overrides",
+    "describe_config",
+    "field_docs",
+]
 
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Generic machinery: type checks, unknown keys, field docs
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        args = typing.get_args(tp)
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Return (ok, coerced value) for ``value`` against type hint ``tp``.
-
-    Lenient where a YAML user would expect it: ``1e-4`` (which YAML 1.1 reads as a string) becomes a float,
-    an int is accepted for a float, a single string for a list of strings.
-    """
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            return (type(None) in args), None
-        for a in args:  # an exact match wins: "all-linear" stays a str for `str | list[str]`
-            if isinstance(a, type) and typing.get_origin(a) is None and type(value) is a:
-                return True, value
-        # try non-str alternatives first so "5" can become 5 for int | str only when str is not an option
-        for a in sorted(args, key=lambda a: a is str):
-            if a is type(None):
-                continue
-            ok, v = _coerce(value, a)
-            if ok:
-                return True, v
-        return False, value
-    if origin is Literal:
-        return (value in typing.get_args(tp)), value
-    if origin in (list, tuple):
-        (inner,) = typing.get_args(tp)[:1] or (Any,)
-        if isinstance(value, (str, Path)) and inner in (str, Any):
-            return True, [str(value)]
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        out = []
-        for item in value:
-            ok, v = _coerce(item, inner)
-            if not ok:
-                return False, value
-            out.append(v)
-        return True, out
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, int):
-            return True, value
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
-        return False, value
-    if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is str:
-        if isinstance(value, Path):
-            return True, str(value)
-        return isinstance(value, str), value
-    if tp is dict:
-        return isinstance(value, dict), value
-    return isinstance(value, tp), value
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, include_extras=False)
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Map each field of a config dataclass to the docstring written under it in the source."""
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):  # pragma: no cover - source not available (frozen app)
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-class _Section:
-    """Mixin for config dataclasses: build from a dict with checks, check values, dump to a dict."""
-
-    _section = ""  # name of this section inside RunConfig, used in error messages
-
-    def __post_init__(self) -> None:
-        problems, wrong = self._type_problems()
-        checked = self
-        if wrong:
-            # Value checks assume the declared types: run them on a copy whose wrongly typed fields (already
-            # reported) hold their defaults, so every other field's value problems are still listed.
-            checked = copy.copy(self)
-            for f in dataclasses.fields(self):
-                if f.name in wrong:
-                    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                    object.__setattr__(checked, f.name, default)
-        problems += checked.problems()
-        if problems:
-            raise ConfigError(problems)
-
-    # -- checks ------------------------------------------------------------------------------------------
-    def _key(self, name: str) -> str:
-        return f"{self._section}.{name}" if self._section else name
-
-    def _type_problems(self) -> tuple[list[str], set[str]]:
-        """Coerce every field to its declared type; (problem lines, names of the fields that could not be)."""
-        out, wrong = [], set()
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):
-            if f.name.startswith("_"):
-                continue
-            value = getattr(self, f.name)
-            ok, coerced = _coerce(value, hints[f.name])
-            if ok:
-                object.__setattr__(self, f.name, coerced)
-            else:
-                out.append(f"{self._key(f.name)} = {value!r}: expected {_type_name(hints[f.name])}")
-                wrong.add(f.name)
-        return out, wrong
-
-    def problems(self) -> list[str]:
-        """Value checks beyond types; each subclass lists its own. Returns readable problem lines."""
-        return []
-
-    def _check(self, out: list[str], cond: bool, name: str, allowed: str) -> None:
-        if not cond:
-            out.append(f"{self._key(name)} = {getattr(self, name)!r}: {allowed}")
-
-    # -- dict / YAML -------------------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> Any:
-        """Build from a plain dict, naming unknown keys (with a suggestion) and every bad value at once."""
-        data = dict(data or {})
-        names = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
-        prefix = f"{cls._section}." if cls._section else ""
-        problems = []
-        for key in list(data):
-            if key not in names:
-                guess = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean '{guess[0]}'?" if guess else f"; known keys: {', '.join(names)}"
-                problems.append(f"{prefix}{key}: unknown key{hint}")
-                del data[key]
-        try:
-            obj = cls(**data)
-        except ConfigError as e:
-            raise ConfigError(problems + e.problems) from None
-        except TypeError as e:  # a required field is missing
-            raise ConfigError(problems + [f"{prefix.rstrip('.') or cls.__name__}: {e}"]) from None
-        if problems:
-            raise ConfigError(problems)
-        return obj
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: _plain(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if not f.name.startswith("_")
-        }
-
-    def replace(self, **changes: Any) -> Any:
-        """A copy with some fields changed (checked like the original)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, _Section):
-        return value.to_dict()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _positive(x: float | int | None) -> bool:
-    return x is None or (isinstance(x, (int, float)) and x > 0 and math.isfinite(x))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------------------------
+Scheduler = Literal["cosine", "linear", "constant", "wsd"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
 
 @dataclass
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Which base model to load and how to quantize it."""
 
     _section = "model"
@@ -273,13 +76,9 @@ class ModelConfig(_Section):
     device: str = "auto"
     """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'."""
 
-    def problems(self) -> list[str]:
-        out: list[str] = []
-        return out
-
 
 @dataclass
-class AdapterConfig(_Section):
+class AdapterConfig(Section):
     """The LoRA adapter attached to the base model."""
 
     _section = "adapter"
@@ -310,7 +109,7 @@ class AdapterConfig(_Section):
         self._check(
             out, isinstance(self.r, int) and self.r > 0, "r", "must be > 0 (a LoRA rank such as 8, 16 or 64)"
         )
-        self._check(out, _positive(self.alpha), "alpha", "must be > 0 (commonly 2 x r)")
+        self._check(out, positive(self.alpha), "alpha", "must be > 0 (commonly 2 x r)")
         self._check(out, 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             out.append(
@@ -322,7 +121,7 @@ class AdapterConfig(_Section):
 
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Section):
     """The domain corpus: where it is, how it is cleaned, split and packed."""
 
     _section = "data"
@@ -379,13 +178,8 @@ class DataConfig(_Section):
         return out
 
 
-Scheduler = Literal["cosine", "linear", "constant", "wsd"]
-Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"]
-Precision = Literal["auto", "bf16", "fp16", "fp32"]
-
-
 @dataclass
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """How long and how to train."""
 
     _section = "train"
@@ -444,9 +238,9 @@ class TrainConfig(_Section):
 
     def problems(self) -> list[str]:
         out: list[str] = []
-        self._check(out, _positive(self.learning_rate), "learning_rate", "must be > 0 (e.g. 2e-4 for LoRA)")
+        self._check(out, positive(self.learning_rate), "learning_rate", "must be > 0 (e.g. 2e-4 for LoRA)")
         self._check(
-            out, _positive(self.embedding_learning_rate), "embedding_learning_rate", "must be > 0 or null"
+            out, positive(self.embedding_learning_rate), "embedding_learning_rate", "must be > 0 or null"
         )
         self._check(out, self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         self._check(out, 0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
@@ -455,18 +249,17 @@ class TrainConfig(_Section):
         self._check(out, self.batch_size >= 1, "batch_size", "must be >= 1")
         self._check(out, self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         self._check(out, self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
-        self._check(out, _positive(self.epochs), "epochs", "must be > 0 or null")
+        self._check(out, positive(self.epochs), "epochs", "must be > 0 or null")
         self._check(
             out, self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1 or null"
         )
         self._check(out, self.weight_decay >= 0, "weight_decay", "must be >= 0")
         self._check(
-            out, _positive(self.max_grad_norm), "max_grad_norm", "must be > 0, or null for no clipping"
+            out, positive(self.max_grad_norm), "max_grad_norm", "must be > 0, or null for no clipping"
         )
-        for name in ("logging_every", "save_every", "eval_every"):
-            self._check(
-                out, getattr(self, name) >= (1 if name == "logging_every" else 0), name, "must be >= 0"
-            )
+        self._check(out, self.logging_every >= 1, "logging_every", "must be >= 1")
+        self._check(out, self.save_every >= 0, "save_every", "must be >= 0")
+        self._check(out, self.eval_every >= 0, "eval_every", "must be >= 0")
         self._check(out, self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         self._check(out, self.num_workers >= 0, "num_workers", "must be >= 0")
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
@@ -480,7 +273,7 @@ class TrainConfig(_Section):
 
 
 @dataclass
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """What is measured before and after training."""
 
     _section = "eval"
@@ -513,14 +306,14 @@ class EvalConfig(_Section):
         )
         self._check(out, self.batch_size >= 1, "batch_size", "must be >= 1")
         self._check(
-            out, _positive(self.max_general_ppl_increase), "max_general_ppl_increase", "must be > 0 or null"
+            out, positive(self.max_general_ppl_increase), "max_general_ppl_increase", "must be > 0 or null"
         )
         self._check(out, self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         return out
 
 
 @dataclass
-class MergeConfig(_Section):
+class MergeConfig(Section):
     """Merging the adapter into a 16-bit model after training."""
 
     _section = "merge"
@@ -538,7 +331,7 @@ class MergeConfig(_Section):
 
     def problems(self) -> list[str]:
         out: list[str] = []
-        self._check(out, _positive(self.tolerance), "tolerance", "must be > 0")
+        self._check(out, positive(self.tolerance), "tolerance", "must be > 0")
         return out
 
 
@@ -548,10 +341,10 @@ class SFTConfig(TrainConfig):
 
     _section = "sft"
 
+    # two of TrainConfig's fields with SFT's defaults (learning_rate keeps TrainConfig's docstring)
     output_dir: str = "runs/sft"
     """Run directory, laid out like a DAPT run."""
     learning_rate: float = 1e-4
-    """Peak learning rate of the LoRA weights."""
     model_or_run: str | None = None
     """What to tune: a DAPT run directory, a merged model directory or a base model. null (YAML only): the DAPT
     run of the same config file, train.output_dir."""
@@ -590,7 +383,7 @@ class SFTConfig(TrainConfig):
         return out
 
 
-SECTIONS: dict[str, type[_Section]] = {
+SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
     "adapter": AdapterConfig,
     "data": DataConfig,
@@ -629,9 +422,7 @@ class RunConfig:
         built: dict[str, Any] = {}
         for key, value in data.items():
             if key not in SECTIONS:
-                guess = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
-                hint = f"; did you mean '{guess[0]}'?" if guess else f"; sections are {', '.join(SECTIONS)}"
-                problems.append(f"{key}: unknown section{hint}")
+                problems.append(unknown_name(str(key), key, list(SECTIONS), "section", "sections are "))
                 continue
             if value is None and key == "sft":
                 continue
@@ -688,47 +479,6 @@ class RunConfig:
         return text
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested config dict (copied)."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    problems = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            problems.append(f"--set {item!r}: expected section.key=value, e.g. train.learning_rate=1e-4")
-            continue
-        section, name = parts
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        node = out.setdefault(section, {})
-        if not isinstance(node, dict):
-            problems.append(f"--set {item!r}: section '{section}' is not a mapping")
-            continue
-        node[name] = value
-    if problems:
-        raise ConfigError(problems)
-    return out
-
-
 def describe_config() -> str:
     """Every section and field with its default and docstring (shown by `lora-dapt config --help`)."""
-    lines = []
-    for name, cls in SECTIONS.items():
-        lines.append(f"{name}:  # {cls.__doc__.strip().splitlines()[0]}")
-        docs = field_docs(cls)
-        for base in cls.__mro__[1:]:
-            if dataclasses.is_dataclass(base):
-                docs = {**field_docs(base), **docs}
-        for f in dataclasses.fields(cls):
-            if f.name.startswith("_"):
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(
-                f"  {f.name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
-            )
-            if f.name in docs:
-                lines.append(f"      # {docs[f.name]}")
-    return "\n".join(lines)
+    return "\n".join(line for name, cls in SECTIONS.items() for line in describe_section(name, cls))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lora_dapt.config import (
+    SECTIONS,
     AdapterConfig,
     DataConfig,
     RunConfig,
@@ -12,6 +15,7 @@ from lora_dapt.config import (
     TrainConfig,
     apply_overrides,
     describe_config,
+    field_docs,
 )
 from lora_dapt.errors import ConfigError
 
@@ -119,6 +123,19 @@ def test_sft_config_shares_train_field_names():
     sft_fields = set(SFTConfig.__dataclass_fields__)
     assert train_fields <= sft_fields
     assert SFTConfig().output_dir == "runs/sft"
+    # SFT's own defaults; TrainConfig's stay
+    assert (SFTConfig().learning_rate, TrainConfig().learning_rate) == (1e-4, 2e-4)
+    assert TrainConfig().output_dir == "runs/dapt"
+    # the shared fields keep TrainConfig's order, so YAML keys come out in the same order in both sections
+    assert list(SFTConfig().to_dict())[: len(train_fields)] == list(TrainConfig().to_dict())
+    # inherited fields keep TrainConfig's docs; the redeclared output_dir has its own
+    sft, train = field_docs(SFTConfig), field_docs(TrainConfig)
+    assert sft["learning_rate"] == train["learning_rate"] == "Peak learning rate of the LoRA weights."
+    assert sft["output_dir"] == "Run directory, laid out like a DAPT run." != train["output_dir"]
+    assert sft["seed"] == train["seed"]
+    # TrainConfig's value checks apply to SFT with the sft. prefix
+    with pytest.raises(ConfigError, match=r"sft.learning_rate = 0.0: must be > 0"):
+        SFTConfig(learning_rate=0)
 
 
 def test_describe_config_documents_every_field():
@@ -127,6 +144,39 @@ def test_describe_config_documents_every_field():
         assert section in text
     assert "learning_rate: 0.0002" in text
     assert "# LoRA rank" in text
+    lines = text.splitlines()
+    for name, cls in SECTIONS.items():
+        start = lines.index(f"{name}:  # {cls.__doc__.strip().splitlines()[0]}")
+        docs = field_docs(cls)
+        rows = iter(lines[start + 1 :])
+        for f in dataclasses.fields(cls):
+            assert next(rows).startswith(f"  {f.name}: "), (name, f.name)
+            assert next(rows) == f"      # {docs[f.name]}", (name, f.name)  # every field has its docstring
+    sft = lines[next(i for i, line in enumerate(lines) if line.startswith("sft:")) :]
+    assert "  learning_rate: 0.0001" in sft and "  output_dir: runs/sft" in sft
+    assert "      # Peak learning rate of the LoRA weights." in sft
+
+
+def test_numeric_checks_name_the_bound():
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(logging_every=0, save_every=-1, eval_every=-2, batch_size=0)
+    assert err.value.problems == [
+        "train.batch_size = 0: must be >= 1",
+        "train.logging_every = 0: must be >= 1",
+        "train.save_every = -1: must be >= 0",
+        "train.eval_every = -2: must be >= 0",
+    ]
+    assert TrainConfig(logging_every=1, save_every=0, eval_every=0).logging_every == 1
+
+
+def test_unknown_names_without_a_close_match_list_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict({"zzz": {}, "model": {"qqqq": 1}})
+    assert err.value.problems == [
+        "zzz: unknown section; sections are model, adapter, data, train, eval, merge, sft",
+        "model.qqqq: unknown key; known keys: name_or_path, gguf_file, quantization, compute_dtype, "
+        "double_quant, trust_remote_code, attn_implementation, device",
+    ]
 
 
 def test_wrong_type_does_not_hide_other_problems_or_crash_value_checks():

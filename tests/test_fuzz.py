@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,8 +37,9 @@ def test_config_dicts_raise_only_config_errors(data):
         assert text.startswith("invalid configuration") and e.problems
         assert all(isinstance(p, str) and p for p in e.problems)
         return
-    # accepted: it must survive a YAML round trip unchanged
+    # accepted: it must survive a YAML round trip unchanged (what a run directory's config.yaml relies on)
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    assert RunConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,4 +1,4 @@
-"""plan.cli (split from memory)."""
+"""``lora-dapt plan``: its arguments, and the plan printed as text or JSON."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 
 from .memory import GiB, Plan, plan
-from .shapes import KNOWN_MODELS
+from .shapes import known_models
 
 
 def format_plan(p: Plan) -> str:
@@ -45,7 +45,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Add ``lora-dapt plan``'s arguments to ``parser`` (the CLI's subparser)."""
     parser.add_argument(
         "model",
-        help=f"model directory (config.json or .gguf), or a known name: {', '.join(sorted(KNOWN_MODELS))}",
+        help=f"model directory (config.json or .gguf), or a known name: {', '.join(sorted(known_models()))}",
     )
     parser.add_argument("--gpu-memory", required=True, help="memory of the GPU, e.g. 12GB, 24GiB, 8000MiB")
     parser.add_argument("--seq-len", type=int, default=None, help="fix the sequence length (default: choose)")

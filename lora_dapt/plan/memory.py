@@ -38,13 +38,23 @@ import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..config import AdapterConfig
 from ..errors import ConfigError
-from .shapes import ModelShape, model_shape
+from .components import (
+    DTYPE_BYTES,
+    activation_bytes,
+    linear_weight_bytes,
+    lora_trainable_params,
+    loss_bytes,
+    optimizer_bytes,
+    transient_weight_bytes,
+)
+from .shapes import model_shape
+
+if TYPE_CHECKING:
+    import torch
 
 
 def peak_memory_bytes(device: str | torch.device | None = None) -> int:
@@ -57,6 +67,8 @@ def peak_memory_bytes(device: str | torch.device | None = None) -> int:
 
         print(f"peak {peak_memory_bytes() / 2**30:.2f} GiB")
     """
+    import torch  # here, not at the top: the CLI imports this module to build its parser
+
     dev = torch.device(device) if device is not None else None
     if (dev is None and torch.cuda.is_available()) or (dev is not None and dev.type == "cuda"):
         return int(torch.cuda.max_memory_allocated(dev))
@@ -81,9 +93,6 @@ CUDA_CONTEXT_BYTES = 512 * 2**20
 
 FRAGMENTATION = 0.05
 """Allocator slack on top of what is allocated (the caching allocator rounds and fragments blocks)."""
-
-
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass
@@ -138,54 +147,6 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _quantized_linear_bytes(
-    shape: ModelShape, quantization: str | None, dtype_bytes: int, double_quant: bool
-) -> int:
-    total = 0
-    for _, i, o in shape.linears:
-        n = i * o
-        if quantization in ("nf4", "fp4"):
-            # packed 4-bit values + absmax per 64-block; double quant stores absmax as uint8 with an fp32
-            # absmax per 256 blocks, plus two small codebooks (16 and 256 fp32) per tensor
-            blocks = math.ceil(n / 64)
-            if double_quant:
-                total += n // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256) + 4
-            else:
-                total += n // 2 + 4 * blocks + 4 * 16
-        elif quantization == "int8":
-            total += n + 4 * o  # int8 weights + an fp32 scale per output row
-        else:
-            total += n * dtype_bytes
-    return total
-
-
-def _activation_bytes(
-    shape: ModelShape, tokens: int, seq_len: int, s: int, checkpointing: bool, lora_r: int, dropout: float
-) -> int:
-    """Bytes autograd saves for one micro-batch of ``tokens`` tokens (s = bytes of the compute dtype)."""
-    h, inter = shape.hidden_size, shape.intermediate_size
-    n_lin = max(1, len(shape.linears) // max(1, shape.num_layers))  # LoRA-wrapped linears per layer
-    drop = 1 if dropout > 0 else 0
-    # One decoder layer, bytes per token. The coefficients were fitted to the tensors autograd really saves
-    # (torch.autograd.graph.saved_tensors_hooks, Llama + peft LoRA r=16 all-linear, dropout 0.05, fp32 and
-    # bf16, hidden 256, MLP 512/1024): hidden-sized terms (two RMSNorms with their fp32 copies, q/k/v/o and
-    # the attention kernel's inputs/outputs, LoRA dropout copies) ~ (6s + 34) bytes per hidden unit; MLP
-    # terms (gate, up, silu, their product, down's dropout copy) ~ (6s + 9) per intermediate unit. Dropout
-    # 0 drops the copies (about 1/4 of each). The CPU math attention's [heads, T, T] matrix is not counted
-    # (flash / memory-efficient kernels on GPU do not keep it).
-    per_layer = (6 * s + 34) * h + (6 * s + 9) * inter + n_lin * lora_r * s
-    if not drop:
-        per_layer = int(per_layer * 0.75)
-    if checkpointing:
-        # each layer keeps only its input hidden state (measured: exactly h*s per layer and token); the
-        # backward pass recomputes one layer at a time and holds its activations plus their gradients
-        kept = shape.num_layers * h * s + int(1.5 * per_layer)
-    else:
-        kept = shape.num_layers * per_layer
-    # embedding output, final norm, the [n, hidden] copy of trained positions handed to the loss
-    return int(tokens * (kept + 2 * h * 4 + 3 * h * s))
-
-
 def estimate_memory(
     model_or_config: Any,
     quantization: str | None = "nf4",
@@ -205,7 +166,7 @@ def estimate_memory(
     """Estimate the peak memory of one training step.
 
     Args:
-        model_or_config: a known name ('llama-3-8b', see ``KNOWN_MODELS``), a model directory (config.json, or
+        model_or_config: a known name ('llama-3-8b', see ``shapes.known_models()``), a model directory (config.json, or
             a GGUF file whose metadata holds the config), a transformers config or config dict, or a model.
         quantization: 'nf4' | 'fp4' | 'int8' | None (16-bit base).
         adapter: an :class:`AdapterConfig`, a LoRA rank, or None for full fine-tuning (every weight trained).
@@ -229,100 +190,40 @@ def estimate_memory(
         est = estimate_memory("llama-3-8b", "nf4", AdapterConfig(r=16), seq_len=2048, batch_size=2)
         print(est.table())
     """
-    problems = []
     if quantization in ("none", ""):
         quantization = None
-    if quantization not in (None, "nf4", "fp4", "int8"):
-        problems.append(f"quantization = {quantization!r}: use 'nf4', 'fp4', 'int8' or None")
-    if compute_dtype not in _DTYPE_BYTES:
-        problems.append(f"compute_dtype = {compute_dtype!r}: use one of {', '.join(_DTYPE_BYTES)}")
-    if optimizer not in ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"):
-        problems.append(f"optimizer = {optimizer!r}: use 'adamw', 'adamw_8bit', 'paged_adamw_8bit' or 'sgd'")
-    if not (isinstance(seq_len, int) and seq_len >= 2):
-        problems.append(f"seq_len = {seq_len!r}: must be an int >= 2")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        problems.append(f"batch_size = {batch_size!r}: must be an int >= 1")
-    if adapter is None and quantization is not None:
-        problems.append(
-            "adapter = None (full fine-tuning) needs quantization=None: quantized weights cannot be trained"
-        )
-    if loss not in ("chunked", "full"):
-        problems.append(f"loss = {loss!r}: use 'chunked' or 'full'")
+    problems = _argument_problems(quantization, adapter, seq_len, batch_size, optimizer, compute_dtype, loss)
     if problems:
         raise ConfigError(problems, header="cannot estimate memory")
     if isinstance(adapter, int):
         adapter = AdapterConfig(r=adapter)
     shape = model_shape(model_or_config)
-    s = _DTYPE_BYTES[compute_dtype]
+    s = DTYPE_BYTES[compute_dtype]
     upcast = bool(upcast_non_quantized)
-    nonq_bytes = 4 if upcast else s
     full_ft = adapter is None
 
-    # -- weights ---------------------------------------------------------------------------------------
-    weights = _quantized_linear_bytes(shape, quantization, s, double_quant)
-    weights += (shape.embedding_params + shape.other_params) * nonq_bytes
-
-    # -- trainable parameters, their gradients and optimizer states -------------------------------------
+    weights = linear_weight_bytes(shape, quantization, s, double_quant)
+    weights += (shape.embedding_params + shape.other_params) * (4 if upcast else s)
     if full_ft:
         trainable = shape.total_params
         p_bytes = s  # full fine-tuning trains the weights in their own dtype
         adapter_bytes = 0
         lora_r, dropout = 0, 0.0
     else:
-        targets = adapter.target_modules
-        chosen = [(i, o) for leaf, i, o in shape.linears if targets == "all-linear" or leaf in set(targets)]
-        if not chosen:
-            raise ConfigError(
-                f"adapter.target_modules = {targets!r} matches no linear layer of {shape.name}; its layers "
-                f"are {', '.join(sorted({leaf for leaf, _, _ in shape.linears}))}"
-            )
-        trainable = sum(adapter.r * (i + o) for i, o in chosen)
-        if adapter.use_dora:
-            trainable += sum(o for _, o in chosen)  # DoRA's magnitude vector
-        if adapter.train_embeddings:
-            trainable += shape.embedding_params
+        trainable = lora_trainable_params(shape, adapter)
         p_bytes = 4  # peft keeps adapter weights in fp32
         adapter_bytes = trainable * p_bytes
         lora_r, dropout = adapter.r, adapter.dropout
     gradients = trainable * p_bytes
-    if optimizer == "adamw":
-        opt_bytes = trainable * 2 * p_bytes
-    elif optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-        # two uint8 moments + one fp32 absmax per 256-value block each (bitsandbytes blockwise 8-bit)
-        opt_bytes = trainable * 2 + 2 * 4 * math.ceil(trainable / 256)
-    else:
-        opt_bytes = 0
+    opt_bytes = optimizer_bytes(trainable, optimizer, p_bytes)
 
-    # -- activations and loss --------------------------------------------------------------------------
     tokens = seq_len * batch_size
-    activations = _activation_bytes(shape, tokens, seq_len, s, gradient_checkpointing, lora_r, dropout)
-    if full_ft and not gradient_checkpointing:
-        activations = int(activations * 0.85)  # no LoRA inputs or dropout copies
-    v = shape.vocab_size
-    if loss == "chunked":
-        if loss_chunk_tokens is None:
-            from ..model.loss import loss_chunk_size
-
-            loss_chunk_tokens = loss_chunk_size(tokens, v)
-        n = min(tokens, loss_chunk_tokens)
-        if full_ft or adapter.train_embeddings:
-            # a trained head: autograd, one chunk in the backward pass: logits (compute dtype), their fp32 copy
-            # (a no-op in fp32), the saved log-softmax and the fp32 gradient
-            logits = n * v * (s + (4 if s != 4 else 0) + 4 + 4)
-        else:
-            # a frozen head: the gradient is made in the forward pass, a chunk at a time: fp32 logits and their
-            # log-softmax at once, then the softmax cast to the compute dtype; plus the stored
-            # [tokens, hidden] gradient of the hidden states
-            logits = n * v * (4 + max(4, s if s != 4 else 0)) + tokens * shape.hidden_size * s
-    else:
-        # [B, T, V] logits kept for the outputs, fp32 upcast, log-softmax, and the fp32 gradient
-        logits = tokens * v * (s + (4 if s != 4 else 0) + 4 + 4)
-    if upcast and s != 4:
-        # autocast casts the fp32 head to the compute dtype at each call (not cached: it is frozen)
-        logits += v * shape.hidden_size * s
-    if quantization in ("nf4", "fp4", "int8"):
-        # bitsandbytes dequantizes one linear layer at a time for the matmul (twice: forward + backward)
-        logits += 2 * max(i * o for _, i, o in shape.linears) * s
+    activations = activation_bytes(shape, tokens, s, gradient_checkpointing, lora_r, dropout, full_ft)
+    trained_head = full_ft or adapter.train_embeddings
+    logits = loss_bytes(
+        shape, tokens, s, loss=loss, chunk_tokens=loss_chunk_tokens, trained_head=trained_head
+    )
+    logits += transient_weight_bytes(shape, quantization, s, upcast)
 
     base = weights + adapter_bytes + gradients + opt_bytes + activations + logits
     overhead = (CUDA_CONTEXT_BYTES + int(FRAGMENTATION * base)) if device.startswith("cuda") else 0
@@ -353,6 +254,36 @@ def estimate_memory(
     )
 
 
+def _argument_problems(
+    quantization: str | None,
+    adapter: AdapterConfig | int | None,
+    seq_len: Any,
+    batch_size: Any,
+    optimizer: str,
+    compute_dtype: str,
+    loss: str,
+) -> list[str]:
+    """Every problem with estimate_memory's settings at once, each naming the argument and the fix."""
+    problems = []
+    if quantization not in (None, "nf4", "fp4", "int8"):
+        problems.append(f"quantization = {quantization!r}: use 'nf4', 'fp4', 'int8' or None")
+    if compute_dtype not in DTYPE_BYTES:
+        problems.append(f"compute_dtype = {compute_dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
+    if optimizer not in ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"):
+        problems.append(f"optimizer = {optimizer!r}: use 'adamw', 'adamw_8bit', 'paged_adamw_8bit' or 'sgd'")
+    if not (isinstance(seq_len, int) and seq_len >= 2):
+        problems.append(f"seq_len = {seq_len!r}: must be an int >= 2")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        problems.append(f"batch_size = {batch_size!r}: must be an int >= 1")
+    if adapter is None and quantization is not None:
+        problems.append(
+            "adapter = None (full fine-tuning) needs quantization=None: quantized weights cannot be trained"
+        )
+    if loss not in ("chunked", "full"):
+        problems.append(f"loss = {loss!r}: use 'chunked' or 'full'")
+    return problems
+
+
 def tensor_bytes(model: Any) -> dict[str, int]:
     """Bytes a loaded model really holds, counted tensor by tensor (4-bit packed storage and its quantization
     constants, int8 row scales included): ``{"weights": frozen, "adapter": trainable, "buffers": ...}``.
@@ -364,27 +295,14 @@ def tensor_bytes(model: Any) -> dict[str, int]:
         model, _ = load_base_model(path, quantization="nf4")
         print(tensor_bytes(model)["weights"] / 2**20, "MiB")
     """
+    from ..model.bnb import stored_bytes
+
     out = {"weights": 0, "adapter": 0, "buffers": 0}
     seen: set[int] = set()
     for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = p.numel() * p.element_size()
-        qs = getattr(p, "quant_state", None)
-        if qs is not None:  # bitsandbytes 4-bit: absmax (+ nested absmax) and codebooks
-            for t in (
-                qs.absmax,
-                qs.code,
-                getattr(qs.state2, "absmax", None),
-                getattr(qs.state2, "code", None),
-            ):
-                if t is not None:
-                    n += t.numel() * t.element_size()
-        scb = getattr(p, "SCB", None)
-        if scb is not None:  # bitsandbytes int8 row scales
-            n += scb.numel() * scb.element_size()
-        out["adapter" if p.requires_grad else "weights"] += n
+        if id(p) not in seen:
+            seen.add(id(p))
+            out["adapter" if p.requires_grad else "weights"] += stored_bytes(p)
     for b in model.buffers():
         out["buffers"] += b.numel() * b.element_size()
     return out
@@ -505,22 +423,15 @@ def plan(
     else:
         seqs = [s for s in _SEQ_CANDIDATES if s <= min(max_seq_len, max_pos)] or [min(max_seq_len, max_pos)]
     ranks = [rank] + [r for r in (rank // 2, rank // 4, rank // 8) if min_rank <= r < rank]
-    common = {"compute_dtype": compute_dtype, "device": "cuda"}
 
-    def est(r: int, t: int, b: int, ckpt: bool, opt: str, upcast: bool | None = None) -> MemoryEstimate:
+    def est(r: int, t: int, b: int, ckpt: bool, opt: str, quant: str | None = quantization) -> MemoryEstimate:
+        lora = AdapterConfig(r=r, target_modules=target_modules)
         return estimate_memory(
-            shape,
-            quantization,
-            AdapterConfig(r=r, target_modules=target_modules),
-            t,
-            b,
-            ckpt,
-            opt,
-            upcast_non_quantized=upcast,
-            **common,
+            shape, quant, lora, t, b, ckpt, opt, compute_dtype=compute_dtype, device="cuda"
         )
 
-    best: tuple[tuple, tuple, MemoryEstimate] | None = None
+    # every setting tried, ranked by the preferences of the docstring (the tuple compares in that order)
+    best: tuple[tuple, tuple[int, int, int, bool, str], MemoryEstimate] | None = None
     for r in ranks:
         for t in seqs:
             for b in (16, 8, 4, 2, 1):
@@ -529,80 +440,54 @@ def plan(
                 for ckpt in (False, True):
                     for opt in _OPTIMIZERS:
                         e = est(r, t, b, ckpt, opt)
-                        if e.total > budget:
-                            continue
                         key = (r == rank, r, t, min(b * t, BUSY_TOKENS), not ckpt, opt == "adamw", b)
-                        if best is None or key > best[0]:
+                        if e.total <= budget and (best is None or key > best[0]):
                             best = (key, (r, t, b, ckpt, opt), e)
-    notes: list[str] = []
     q = quantization or "none"
-    if best is not None:
-        r, t, b, ckpt, opt = best[1]
-        e = best[2]
-        accum = max(1, math.ceil(tokens_per_step / (b * t)))
-        notes.append(f"fits: {e.total / GiB:.1f} of {budget / GiB:.1f} GiB estimated")
-        if seq_len is None and t < seqs[0]:
-            e_long = est(r, seqs[0], 1, True, "paged_adamw_8bit")
-            notes.append(
-                f"seq_len {seqs[0]} does not fit even at micro-batch 1 with checkpointing and paged 8-bit "
-                f"AdamW ({e_long.total / GiB:.1f} GiB; activations {e_long.activations / GiB:.1f} GiB)"
-            )
-        if ckpt:
-            e_no = est(r, t, b, False, opt)
-            notes.append(
-                f"gradient checkpointing on: without it activations take {e_no.activations / GiB:.1f} GiB "
-                f"instead of {e.activations / GiB:.1f} GiB (costs about a third more compute)"
-            )
-        if opt != "adamw":
-            e_adam = est(r, t, b, ckpt, "adamw")
-            notes.append(
-                f"paged 8-bit AdamW: plain AdamW would need {(e_adam.total - e.total) / GiB:.2f} GiB more "
-                f"({e_adam.total / GiB:.1f} GiB)"
-            )
-        if r != rank:
-            notes.append(f"LoRA rank lowered from {rank} to {r}: rank {rank} did not fit at any setting")
-        if b * t < BUSY_TOKENS:
-            notes.append(f"micro-step of {b * t} tokens: the GPU will be under-used; expect lower tokens/s")
-        notes.append(
-            f"gradient accumulation {accum}: {b * t * accum:,} tokens per optimizer step (target {tokens_per_step:,})"
-        )
-        return Plan(shape.name, budget, True, t, b, accum, ckpt, opt, r, q, e, notes)
+    if best is None:
+        # nothing fits: report the smallest configuration and what takes the memory
+        r, t = ranks[-1], seqs[-1]
+        e = est(r, t, 1, True, "paged_adamw_8bit")
+        notes = [
+            f"does not fit: even seq_len {t}, micro-batch 1, gradient checkpointing, paged 8-bit AdamW and rank "
+            f"{r} need {e.total / GiB:.1f} GiB, more than {budget / GiB:.1f} GiB",
+            f"the frozen base alone takes {e.weights / GiB:.1f} GiB ({q}); activations {e.activations / GiB:.2f} "
+            f"GiB, loss {e.logits / GiB:.2f} GiB, CUDA context and slack {e.overhead / GiB:.2f} GiB",
+        ]
+        if quantization in (None, "int8"):
+            e4 = est(r, t, 1, True, "paged_adamw_8bit", "nf4")
+            notes.append(f"with quantization='nf4' it would need {e4.total / GiB:.1f} GiB")
+        notes.append("options: a GPU with more memory, a smaller model, or a CPU run (slow)")
+        accum = max(1, math.ceil(tokens_per_step / t))
+        return Plan(shape.name, budget, False, t, 1, accum, True, "paged_adamw_8bit", r, q, e, notes)
 
-    # nothing fits: report the smallest configuration and what takes the memory
-    r, t = ranks[-1], seqs[-1]
-    e = est(r, t, 1, True, "paged_adamw_8bit")
-    notes.append(
-        f"does not fit: even seq_len {t}, micro-batch 1, gradient checkpointing, paged 8-bit AdamW and rank "
-        f"{r} need {e.total / GiB:.1f} GiB, more than {budget / GiB:.1f} GiB"
-    )
-    notes.append(
-        f"the frozen base alone takes {e.weights / GiB:.1f} GiB ({q}); activations {e.activations / GiB:.2f} GiB, "
-        f"loss {e.logits / GiB:.2f} GiB, CUDA context and slack {e.overhead / GiB:.2f} GiB"
-    )
-    if quantization in (None, "int8"):
-        e4 = estimate_memory(
-            shape,
-            "nf4",
-            AdapterConfig(r=r, target_modules=target_modules),
-            t,
-            1,
-            True,
-            "paged_adamw_8bit",
-            **common,
+    r, t, b, ckpt, opt = best[1]
+    e = best[2]
+    accum = max(1, math.ceil(tokens_per_step / (b * t)))
+    notes = [f"fits: {e.total / GiB:.1f} of {budget / GiB:.1f} GiB estimated"]
+    if seq_len is None and t < seqs[0]:
+        e_long = est(r, seqs[0], 1, True, "paged_adamw_8bit")
+        notes.append(
+            f"seq_len {seqs[0]} does not fit even at micro-batch 1 with checkpointing and paged 8-bit "
+            f"AdamW ({e_long.total / GiB:.1f} GiB; activations {e_long.activations / GiB:.1f} GiB)"
         )
-        notes.append(f"with quantization='nf4' it would need {e4.total / GiB:.1f} GiB")
-    notes.append("options: a GPU with more memory, a smaller model, or a CPU run (slow)")
-    return Plan(
-        shape.name,
-        budget,
-        False,
-        t,
-        1,
-        max(1, math.ceil(tokens_per_step / t)),
-        True,
-        "paged_adamw_8bit",
-        r,
-        q,
-        e,
-        notes,
+    if ckpt:
+        e_no = est(r, t, b, False, opt)
+        notes.append(
+            f"gradient checkpointing on: without it activations take {e_no.activations / GiB:.1f} GiB "
+            f"instead of {e.activations / GiB:.1f} GiB (costs about a third more compute)"
+        )
+    if opt != "adamw":
+        e_adam = est(r, t, b, ckpt, "adamw")
+        notes.append(
+            f"paged 8-bit AdamW: plain AdamW would need {(e_adam.total - e.total) / GiB:.2f} GiB more "
+            f"({e_adam.total / GiB:.1f} GiB)"
+        )
+    if r != rank:
+        notes.append(f"LoRA rank lowered from {rank} to {r}: rank {rank} did not fit at any setting")
+    if b * t < BUSY_TOKENS:
+        notes.append(f"micro-step of {b * t} tokens: the GPU will be under-used; expect lower tokens/s")
+    notes.append(
+        f"gradient accumulation {accum}: {b * t * accum:,} tokens per optimizer step (target {tokens_per_step:,})"
     )
+    return Plan(shape.name, budget, True, t, b, accum, ckpt, opt, r, q, e, notes)

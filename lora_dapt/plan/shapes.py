@@ -1,108 +1,60 @@
-"""plan.shapes (split from memory)."""
+"""Model shapes: the sizes that set a training step's memory, read without loading any weights.
+
+A shape comes from a known name (the table in ``known_models.json``, package data), a local model directory
+(its config.json, or the config in a GGUF file's metadata), a transformers config or config dict, or a
+loaded model. Every case ends the same way: the module tree is built on the meta device and its layers are
+counted, so the numbers come from the real architecture rather than a per-family formula.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelLoadError
 
-_LLAMA3 = {
-    "model_type": "llama",
-    "vocab_size": 128256,
-    "max_position_embeddings": 131072,
-    "rope_theta": 500000.0,
-}
+
+@lru_cache(maxsize=1)
+def _known_models_text() -> str:
+    # the file's text is cached (a str cannot be changed by a caller); every call parses its own copy
+    return resources.files(__package__).joinpath("known_models.json").read_text(encoding="utf-8")
 
 
-KNOWN_MODELS: dict[str, dict[str, Any]] = {
-    "llama-3-8b": {
-        **_LLAMA3,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "tie_word_embeddings": False,
-    },
-    "llama-3.2-3b": {
-        **_LLAMA3,
-        "hidden_size": 3072,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 24,
-        "num_key_value_heads": 8,
-        "tie_word_embeddings": True,
-    },
-    "llama-3.2-1b": {
-        **_LLAMA3,
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "tie_word_embeddings": True,
-    },
-    "mistral-7b": {
-        "model_type": "mistral",
-        "vocab_size": 32768,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "max_position_embeddings": 32768,
-        "tie_word_embeddings": False,
-    },
-    "qwen2.5-7b": {
-        "model_type": "qwen2",
-        "vocab_size": 152064,
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 32768,
-        "tie_word_embeddings": False,
-    },
-    "smollm2-135m": {
-        "model_type": "llama",
-        "vocab_size": 49152,
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "max_position_embeddings": 8192,
-        "tie_word_embeddings": True,
-    },
-    "smollm2-1.7b": {
-        "model_type": "llama",
-        "vocab_size": 49152,
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "max_position_embeddings": 8192,
-        "tie_word_embeddings": True,
-    },
-}
+def known_models() -> dict[str, dict[str, Any]]:
+    """Known model name -> the config fields that set memory (a fresh copy: change it freely).
+
+    >>> known_models()["llama-3-8b"]["num_key_value_heads"]
+    8
+    """
+    return {name: entry["config"] for name, entry in json.loads(_known_models_text())["models"].items()}
 
 
-_ALIASES = {
-    "llama-3.1-8b": "llama-3-8b",
-    "llama3-8b": "llama-3-8b",
-    "llama-3-8b-instruct": "llama-3-8b",
-    "llama-3.1-8b-instruct": "llama-3-8b",
-    "8b": "llama-3-8b",
-    "llama-3.2-3b-instruct": "llama-3.2-3b",
-    "llama-3.2-1b-instruct": "llama-3.2-1b",
-    "mistral-7b-v0.3": "mistral-7b",
-    "qwen2.5-7b-instruct": "qwen2.5-7b",
-    "smollm2-135m-instruct": "smollm2-135m",
-}
+def model_aliases() -> dict[str, str]:
+    """Other spellings of the known names (lower case) -> the known name."""
+    return dict(json.loads(_known_models_text())["aliases"])
+
+
+def known_name(text: str) -> str | None:
+    """The known model ``text`` names (any case, or an alias such as 'Llama-3.1-8B'), or None.
+
+    >>> known_name("Llama-3.1-8B-Instruct"), known_name("models/my-llama")
+    ('llama-3-8b', None)
+    """
+    key = text.lower()
+    key = model_aliases().get(key, key)
+    return key if key in known_models() else None
+
+
+def __getattr__(name: str) -> Any:
+    # ``KNOWN_MODELS`` stays importable (benchmarks/bench_gpu.py reads it); built on each access from the
+    # package data, so no module-level table can be changed behind the caller's back
+    if name == "KNOWN_MODELS":
+        return known_models()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -137,44 +89,6 @@ class ModelShape:
         return self.linear_params + self.embedding_params + self.other_params
 
 
-def _text_config(cfg: Any) -> Any:
-    # multimodal configs keep the language model's sizes in text_config
-    return getattr(cfg, "text_config", None) or cfg
-
-
-def _load_config(model: str | Path) -> tuple[Any, str]:
-    from transformers import AutoConfig
-
-    text = str(model)
-    key = _ALIASES.get(text.lower(), text.lower())
-    if key in KNOWN_MODELS:
-        data = dict(KNOWN_MODELS[key])
-        return _config_from_dict(data), key
-    p = Path(text)
-    try:
-        if p.is_file() and p.suffix == ".gguf":
-            return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name), p.stem
-        if p.is_dir():
-            if (p / "config.json").is_file():
-                return AutoConfig.from_pretrained(str(p)), p.name
-            ggufs = sorted(p.glob("*.gguf"))
-            if ggufs:
-                return AutoConfig.from_pretrained(str(p), gguf_file=ggufs[0].name), ggufs[0].stem
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read the model config of {text}: {e}") from None
-    raise ModelLoadError(
-        f"model {text!r} is neither a known model ({', '.join(sorted(KNOWN_MODELS))}) nor a directory with "
-        "config.json or a .gguf file. Pass a local model directory, or one of the known names."
-    )
-
-
-def _config_from_dict(data: dict[str, Any]) -> Any:
-    from transformers import AutoConfig
-
-    data = dict(data)
-    return AutoConfig.for_model(data.pop("model_type"), **data)
-
-
 def model_shape(model_or_config: Any) -> ModelShape:
     """Read the sizes of a model from a known name, a directory (config.json or GGUF), a config or a model.
 
@@ -190,15 +104,13 @@ def model_shape(model_or_config: Any) -> ModelShape:
 
     if isinstance(model_or_config, ModelShape):
         return model_or_config
-    name = ""
-    module = None
     if isinstance(model_or_config, torch.nn.Module):
         module = model_or_config
         if hasattr(module, "get_base_model"):
             module = module.get_base_model()
-        cfg = module.config
-        name = getattr(cfg, "name_or_path", "") or type(module).__name__
-    elif isinstance(model_or_config, PretrainedConfig):
+        name = getattr(module.config, "name_or_path", "") or type(module).__name__
+        return _shape_of_module(module, _text_config(module.config), name)
+    if isinstance(model_or_config, PretrainedConfig):
         cfg = model_or_config
         name = getattr(cfg, "name_or_path", "") or cfg.model_type
     elif isinstance(model_or_config, dict):
@@ -211,19 +123,78 @@ def model_shape(model_or_config: Any) -> ModelShape:
             f"estimate_memory: cannot read a model from {type(model_or_config).__name__}; pass a model, a "
             "transformers config, a config dict, a model directory or a known name such as 'llama-3-8b'"
         )
-    if module is None:
-        if getattr(cfg, "quantization_config", None) is not None:
-            cfg = type(cfg).from_dict({k: v for k, v in cfg.to_dict().items() if k != "quantization_config"})
-        try:
-            with torch.device("meta"):
-                module = AutoModelForCausalLM.from_config(cfg)
-        except (ValueError, KeyError) as e:
-            raise ModelLoadError(f"cannot build {name} from its config: {e}") from None
+    if getattr(cfg, "quantization_config", None) is not None:
+        # a pre-quantized checkpoint's config (GGUF, bitsandbytes): count the architecture, not its storage
+        cfg = type(cfg).from_dict({k: v for k, v in cfg.to_dict().items() if k != "quantization_config"})
+    try:
+        with torch.device("meta"):
+            module = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot build {name} from its config: {e}") from None
     return _shape_of_module(module, _text_config(cfg), name)
+
+
+def _text_config(cfg: Any) -> Any:
+    # multimodal configs keep the language model's sizes in text_config
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def _config_from_dict(data: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    data = dict(data)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def _is_hub_id(text: str) -> bool:
+    # the test of model.load.resolve_model_source (to import from there once model.load exposes it)
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and "\\" not in text
+
+
+def _load_config(model: str | Path) -> tuple[Any, str]:
+    """(transformers config, display name) of a known name, a GGUF checkpoint or a model directory.
+
+    The path is resolved like ``load_base_model`` resolves it (:func:`lora_dapt.model.gguf.find_gguf`: a
+    .gguf file, or a directory without config.json holding exactly one), but a GGUF file is never
+    dequantized (that takes minutes): its config is read from the GGUF metadata alone. Hub ids are not
+    fetched.
+    """
+    from transformers import AutoConfig
+
+    from ..model.gguf import find_gguf
+
+    text = str(model)
+    known = known_name(text)
+    if known is not None:
+        return _config_from_dict(known_models()[known]), known
+    p = Path(text)
+    try:
+        gguf = find_gguf(p)
+    except ModelLoadError as e:  # several GGUF files: plan has no gguf_file argument, a file path does it
+        raise ModelLoadError(f"{e}, or pass the path of one of them") from None
+    try:
+        if gguf is not None:
+            directory, gguf_file = gguf
+            return AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file), Path(gguf_file).stem
+        if (p / "config.json").is_file():
+            return AutoConfig.from_pretrained(str(p)), p.name
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the model config of {text}: {e}") from None
+    hub = (
+        " Hub ids are not fetched: download the model (its config.json is enough) and pass its directory."
+        if _is_hub_id(text) and not p.exists()
+        else ""
+    )
+    raise ModelLoadError(
+        f"model {text!r} is neither a known model ({', '.join(sorted(known_models()))}) nor a directory with "
+        f"config.json or a .gguf file. Pass a local model directory, or one of the known names.{hub}"
+    )
 
 
 def _shape_of_module(module: Any, tcfg: Any, name: str) -> ModelShape:
     import torch
+
+    from ..model.bnb import is_quantized_linear, logical_numel
 
     head = module.get_output_embeddings()
     emb = module.get_input_embeddings()
@@ -241,7 +212,7 @@ def _shape_of_module(module: Any, tcfg: Any, name: str) -> ModelShape:
         if "base_layer" in parts or any(p.startswith("lora_") for p in parts):
             continue  # inside a peft LoRA wrapper: the wrapper stands for its base layer
         layer = getattr(mod, "base_layer", mod)
-        if isinstance(layer, torch.nn.Linear) or type(layer).__name__ in ("Linear4bit", "Linear8bitLt"):
+        if isinstance(layer, torch.nn.Linear) or is_quantized_linear(layer):
             linears.append((parts[-1], int(layer.in_features), int(layer.out_features)))
             seen.add(id(layer.weight))
     other = 0
@@ -249,7 +220,7 @@ def _shape_of_module(module: Any, tcfg: Any, name: str) -> ModelShape:
         if id(p) in seen or "lora_" in pname:
             continue
         seen.add(id(p))
-        other += p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        other += logical_numel(p)
     hidden = int(tcfg.hidden_size)
     heads = int(getattr(tcfg, "num_attention_heads", 1))
     head_dim = int(getattr(tcfg, "head_dim", None) or hidden // heads)
