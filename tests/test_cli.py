@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from lora_dapt import EvalConfig, RunConfig, TrainConfig
 from lora_dapt.cli.main import main
 from lora_dapt.model.load import load_base_model
 from lora_dapt.model.lora import apply_lora
+from lora_dapt.rundir import MERGE_REPORT
 
 from .conftest import make_text
 
@@ -61,7 +63,7 @@ def test_train_report_eval_merge(tiny_model_dir, domain_files, tmp_path, capsys)
     summary = json.loads((run / "summary.json").read_text())
     dom = summary["forgetting"]["domain"]
     assert dom["ppl_after"] < dom["ppl_before"]  # the domain got easier
-    assert summary["data_stats"]["documents_read"] == 12 or summary["data_stats"]
+    assert summary["data_stats"]["documents_read"] == 12  # the 12 domain files
     assert summary["after"]["samples"][0]["prompt"] == "patient dose"
     # report + plots
     report = (run / "report.md").read_text()
@@ -78,9 +80,30 @@ def test_train_report_eval_merge(tiny_model_dir, domain_files, tmp_path, capsys)
     ppl = float(table.splitlines()[1].split()[3])
     assert ppl == pytest.approx(dom["ppl_after"], rel=0.25)  # windows differ from blocks, same ballpark
     # merge
+    capsys.readouterr()
     assert main(["merge", str(run), "--dtype", "float32"]) == 0
+    assert f"merged model written: {run / 'merged'}" in capsys.readouterr().out
     assert (run / "merged" / "config.json").is_file()
-    assert json.loads((run / "merged" / "merge_report.json").read_text())
+    merge = json.loads((run / "merged" / MERGE_REPORT).read_text())
+    assert merge["passed"] is True and merge["dtype"] == "float32" and merge["trained_quantization"] == "nf4"
+    assert merge["eval_tokens"] > 0 and "eval split" in merge["eval_source"]
+    for name in ("adapter_4bit_as_trained", "adapter_16bit_original", "merged"):
+        assert (
+            math.isfinite(merge["losses"][name]["loss"])
+            and merge["losses"][name]["tokens"] == merge["eval_tokens"]
+        )
+    assert merge["max_abs_logit_diff"] <= merge["tolerance"] * merge["logit_scale"]
+    assert merge["losses"]["merged"]["loss"] == pytest.approx(
+        merge["losses"]["adapter_16bit_original"]["loss"], abs=1e-4
+    )
+    # the merged model directory evaluates as a plain 16-bit model, on the held-out texts given as files
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    for i, text in enumerate(json.loads((run / "eval_texts.json").read_text())):
+        (held_out / f"{i}.txt").write_text(text)
+    assert main(["eval", str(run / "merged"), "--texts", str(held_out), "--no-general"]) == 0
+    merged_ppl = float(capsys.readouterr().out.splitlines()[1].split()[3])
+    assert merged_ppl == pytest.approx(ppl, rel=0.05)  # same texts, same windows, merged = base + adapter
 
 
 def test_prepare_prints_stats(tiny_model_dir, domain_files, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import shutil
 from pathlib import Path
@@ -12,17 +13,21 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
-from lora_dapt.config import AdapterConfig
-from lora_dapt.errors import MergeError
-from lora_dapt.export import merge as merge_mod
-from lora_dapt.export.merge import REPORT_NAME, merge_adapter, merge_run
-from lora_dapt.model.load import load_base_model
+from lora_dapt.config import AdapterConfig, MergeConfig, ModelConfig
+from lora_dapt.errors import ConfigError, MergeError
+from lora_dapt.export import checks as checks_mod
+from lora_dapt.export import job as job_mod
+from lora_dapt.export.merge import merge_adapter, merge_run
+from lora_dapt.model.load import ModelSource, load_base_model
 from lora_dapt.model.lora import apply_lora
+from lora_dapt.rundir import MERGE_REPORT as REPORT_NAME
 
 from .conftest import build_tokenizer, make_text
 
 EVAL_TEXTS = [make_text(16, seed=500 + i) for i in range(3)]
+TRAINED_16BIT = ModelConfig(quantization="none")  # the adapter was trained on an unquantized base
 
 
 def _make_adapter(base_dir: Path, out: Path, *, train_embeddings: bool = False, seed: int = 0) -> Path:
@@ -125,8 +130,32 @@ def test_merged_model_reloads_without_peft_and_matches_adapter(
     losses = report["losses"]
     assert abs(losses["merged"]["loss"] - losses["adapter_16bit_original"]["loss"]) < 1e-4
     assert losses["adapter_4bit_as_trained"]["loss"] > 0
-    assert report["closer_to_trained"] in ("original", "dequantized")
-    assert "merge PASSED" in capsys.readouterr().out
+    assert "adapter_16bit_dequantized" not in losses  # measured only with base_source='dequantized'
+    for r in (losses["adapter_4bit_as_trained"], losses["adapter_16bit_original"], losses["merged"]):
+        assert math.isfinite(r["loss"]) and r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+        assert r["tokens"] == report["eval_tokens"]
+    assert report["max_abs_logit_diff"] <= report["tolerance"] * report["logit_scale"]
+    assert report["max_abs_logit_diff_4bit_vs_16bit"] > 0  # NF4 rounding shows in the logits
+    # With base_source='original' the 4-bit loss (a) stands in for the dequantized base, which is then exact.
+    assert report["closer_to_trained"] == "dequantized"
+    as_trained, original = losses["adapter_4bit_as_trained"]["loss"], losses["adapter_16bit_original"]["loss"]
+    assert report["lower_loss"] == ("dequantized" if as_trained <= original else "original")
+    assert report["trained_quantization"] == "nf4" and report["base_source"] == "original"
+    assert report["output_dir"] == str(out) and report["problems"] == []
+    # The merged loss is the plain mean next-token cross-entropy of the reloaded model on the eval texts.
+    tok = AutoTokenizer.from_pretrained(out)
+    reloaded = _reload(out)
+    nll = count = 0
+    with torch.no_grad():
+        for text in EVAL_TEXTS:
+            x = tok(text, return_tensors="pt")["input_ids"]
+            logits = reloaded(x).logits[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+            count += x.shape[1] - 1
+    assert count == report["eval_tokens"]
+    assert losses["merged"]["loss"] == pytest.approx(nll / count, abs=1e-5)
+    printed = capsys.readouterr().out
+    assert "merge PASSED" in printed and f"{report['eval_tokens']} tokens" in printed
 
 
 def test_trained_tied_embeddings_stay_tied(tiny_tied_model_dir, adapter_tied_emb, tmp_path):
@@ -169,8 +198,14 @@ def test_trained_untied_embeddings_and_head_are_merged(tiny_model_dir, adapter_u
 
 
 def test_dequantized_base_reproduces_the_trained_4bit_model(tiny_model_dir, adapter_plain, tmp_path):
-    out = _merge(tiny_model_dir, adapter_plain, tmp_path / "merged", base_source="dequantized")
+    # How training loaded the base, as load_base_model records it (what run_info.json holds).
+    trained = ModelSource(name_or_path=str(tiny_model_dir), quantization="nf4", compute_dtype="float32")
+    out = _merge(
+        tiny_model_dir, adapter_plain, tmp_path / "merged", base_source="dequantized", trained_on=trained
+    )
     report = json.loads((out / REPORT_NAME).read_text())
+    assert report["passed"] is True and report["base_source"] == "dequantized"
+    assert report["trained_quantization"] == "nf4"
     losses = report["losses"]
     as_trained = losses["adapter_4bit_as_trained"]["loss"]
     assert abs(losses["merged"]["loss"] - losses["adapter_16bit_dequantized"]["loss"]) < 1e-4
@@ -187,7 +222,12 @@ def test_dequantized_base_reproduces_the_trained_4bit_model(tiny_model_dir, adap
 
 def test_bfloat16_merge_saves_bfloat16(tiny_model_dir, adapter_plain, tmp_path):
     out = _merge(
-        tiny_model_dir, adapter_plain, tmp_path / "merged", dtype="bfloat16", tolerance=0.1, quantization=None
+        tiny_model_dir,
+        adapter_plain,
+        tmp_path / "merged",
+        dtype="bfloat16",
+        tolerance=0.1,
+        trained_on=TRAINED_16BIT,
     )
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
@@ -198,10 +238,46 @@ def test_bfloat16_merge_saves_bfloat16(tiny_model_dir, adapter_plain, tmp_path):
 def test_failed_verification_is_loud_and_not_shipped(tiny_model_dir, adapter_plain, tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(MergeError, match="does not reproduce the adapter"):
-        _merge(tiny_model_dir, adapter_plain, out, tolerance=1e-12, quantization=None)
+        _merge(tiny_model_dir, adapter_plain, out, tolerance=1e-12, trained_on=TRAINED_16BIT)
     assert not out.exists()
     report = json.loads((tmp_path / "merged.partial" / REPORT_NAME).read_text())
     assert report["passed"] is False and report["problems"]
+    assert report["max_abs_logit_diff"] > report["tolerance"] * report["logit_scale"]
+    assert report["output_dir"] == str(tmp_path / "merged.partial")
+    assert (
+        report["trained_quantization"] == "none" and report["losses"].get("adapter_4bit_as_trained") is None
+    )
+    assert report["closer_to_trained"] is None and "base_source does not matter" in report["advice"]
+
+
+def test_settings_are_checked_by_merge_config(tiny_model_dir, adapter_plain, tmp_path):
+    out = tmp_path / "merged"
+    with pytest.raises(ConfigError, match="bogus_key: unknown key") as err:
+        merge_adapter(tiny_model_dir, adapter_plain, out, bogus_key=1)
+    assert "cannot merge" in str(err.value)
+    with pytest.raises(ConfigError, match="dtpye: unknown key; did you mean 'dtype'"):
+        merge_adapter(tiny_model_dir, adapter_plain, out, dtpye="float32")
+    with pytest.raises(ConfigError, match=r"dtype = 'float64'.*(\n.*)*tolerance = -1\.0: must be > 0"):
+        merge_adapter(tiny_model_dir, adapter_plain, out, dtype="float64", tolerance=-1)
+    with pytest.raises(ConfigError, match="base_source = 'dequantized' needs the quantization"):
+        merge_adapter(
+            tiny_model_dir,
+            adapter_plain,
+            out,
+            MergeConfig(base_source="dequantized"),
+            trained_on=TRAINED_16BIT,
+        )
+    with pytest.raises(ConfigError, match="expected a MergeConfig"):
+        merge_adapter(tiny_model_dir, adapter_plain, out, "float32")
+    assert not out.exists() and not (tmp_path / "merged.partial").exists()
+
+
+def test_config_and_overrides_combine(tiny_model_dir, adapter_plain, tmp_path):
+    cfg = MergeConfig(dtype="bfloat16", tolerance=0.5)
+    out = _merge(tiny_model_dir, adapter_plain, tmp_path / "merged", config=cfg, trained_on=TRAINED_16BIT)
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["dtype"] == "float32" and report["tolerance"] == 0.5  # the override wins, the rest stays
+    assert report["passed"] is True
 
 
 def test_nan_adapter_is_refused(tiny_model_dir, adapter_plain, tmp_path):
@@ -281,7 +357,7 @@ def test_plain_tensor_adapter_bin_is_loaded_safely(tiny_model_dir, adapter_plain
     as_bin.mkdir()
     shutil.copy(adapter_plain / "adapter_config.json", as_bin)
     torch.save(load_file(str(adapter_plain / "adapter_model.safetensors")), as_bin / "adapter_model.bin")
-    out = _merge(tiny_model_dir, as_bin, tmp_path / "merged", quantization=None)
+    out = _merge(tiny_model_dir, as_bin, tmp_path / "merged", trained_on=TRAINED_16BIT)
     ids = _ids(tiny_model_dir)
     want, _ = _adapter_logits(tiny_model_dir, adapter_plain, ids)
     with torch.no_grad():
@@ -289,7 +365,7 @@ def test_plain_tensor_adapter_bin_is_loaded_safely(tiny_model_dir, adapter_plain
 
 
 def test_too_little_disk_space_is_refused(tiny_model_dir, adapter_plain, tmp_path, monkeypatch):
-    monkeypatch.setattr(merge_mod, "_free_bytes", lambda path: 1000)
+    monkeypatch.setattr(checks_mod, "free_bytes", lambda path: 1000)
     with pytest.raises(MergeError, match=r"not enough disk space .* GiB needed \(float32\)"):
         _merge(tiny_model_dir, adapter_plain, tmp_path / "merged")
 
@@ -333,6 +409,8 @@ def test_merge_run_reads_the_run_directory(tiny_model_dir, adapter_plain, tmp_pa
     assert report["dtype"] == "float32" and report["trained_quantization"] == "nf4"
     assert "eval split" in report["eval_source"] and report["eval_texts"] == 4
     assert report["passed"] is True
+    assert report["losses"]["adapter_4bit_as_trained"]["tokens"] == report["eval_tokens"] > 0
+    assert report["max_abs_logit_diff"] <= report["tolerance"] * report["logit_scale"]
 
 
 def test_merge_run_passes_the_gguf_file_on(tiny_model_dir, adapter_plain, tmp_path, monkeypatch):
@@ -342,7 +420,7 @@ def test_merge_run_passes_the_gguf_file_on(tiny_model_dir, adapter_plain, tmp_pa
         seen.append((str(name_or_path), gguf_file))
         return tiny_model_dir  # stands in for the dequantized GGUF checkpoint
 
-    monkeypatch.setattr(merge_mod, "resolve_model_source", fake_resolve)
+    monkeypatch.setattr(job_mod, "resolve_model_source", fake_resolve)
     gguf_dir = tmp_path / "gguf_model"
     gguf_dir.mkdir()
     run = _run_dir(tmp_path, gguf_dir, adapter_plain, gguf_file="tiny-q8_0.gguf")

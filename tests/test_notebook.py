@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from lora_dapt.rundir import MERGE_REPORT
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "continued_pretraining.ipynb"
 
@@ -40,7 +44,10 @@ def test_notebook_on_tiny_model(tiny_model_dir, domain_files, tmp_path):
     text, images = _outputs(nb)
     assert "ppl before" in text and "domain" in text
     assert images == 1  # the loss curve, inline
-    assert (tmp_path / "run" / "merged" / "merge_report.json").is_file()
+    merge = json.loads((tmp_path / "run" / "merged" / MERGE_REPORT).read_text())
+    assert merge["passed"] is True and merge["dtype"] == "float32" and merge["eval_tokens"] > 0
+    assert merge["max_abs_logit_diff"] <= merge["tolerance"] * merge["logit_scale"]
+    assert all(math.isfinite(r["loss"]) for r in merge["losses"].values() if r is not None)
     assert (tmp_path / "run" / "report.md").is_file()
 
 

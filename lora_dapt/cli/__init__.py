@@ -1,0 +1,1 @@
+"""The ``lora-dapt`` command line (``main``) and the real-model quickstart (``quickstart``)."""

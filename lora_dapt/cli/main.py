@@ -117,33 +117,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..data.sources import read_text_sources
     from ..evaluate.forgetting import general_texts
     from ..evaluate.score import evaluate_texts
-    from ..model.load import load_base_model
+    from ..export.merge import trained_base
+    from ..model.load import load_base_model, load_base_model_from
     from ..model.lora import load_adapter
+    from ..rundir import RunDir
 
     target = Path(args.target)
     texts: list[str] = read_text_sources(args.texts) if args.texts else []
-    quant = None if args.quantization == "none" else args.quantization
-    if (target / "run_info.json").is_file():  # a run directory: its base + its adapter
-        base = json.loads((target / "run_info.json").read_text())["base_model"]
-        model, tok = load_base_model(
-            base["name_or_path"],
-            quantization=args.quantization or base.get("quantization", "nf4"),
-            gguf_file=base.get("gguf_file"),
-        )
-        model = load_adapter(model, target / "adapter")
-        if not texts and (target / "eval_texts.json").is_file():
-            texts = json.loads((target / "eval_texts.json").read_text())
+    quantization = {"quantization": args.quantization} if args.quantization else {}
+    run = RunDir(target)
+    if run.run_info_path.is_file():  # a run directory: its base as trained + its adapter, its held-out texts
+        model, tok = load_base_model_from(trained_base(run), **quantization)
+        model = load_adapter(model, run.adapter_dir)
+        texts = texts or run.read_eval_texts() or []
     elif target.suffix in (".yaml", ".yml"):  # a config: its base model, its eval sources
         cfg = RunConfig.from_yaml(target, check=False)
-        model, tok = load_base_model(
-            cfg.model.name_or_path,
-            quantization=args.quantization or cfg.model.quantization,
-            gguf_file=cfg.model.gguf_file,
-        )
+        model, tok = load_base_model_from(cfg.model, **quantization)
         if not texts and cfg.data.eval_sources:
             texts = read_text_sources(cfg.data.eval_sources)
-    else:  # a model directory (e.g. a merged model) or a GGUF file
-        model, tok = load_base_model(target, quantization=quant or None)
+    else:  # a model directory (e.g. a merged model) or a GGUF file: 16-bit unless --quantization says
+        quant = None if args.quantization == "none" else args.quantization
+        model, tok = load_base_model(target, quantization=quant)
     rows = {}
     if texts:
         rows["domain"] = evaluate_texts(model, tok, texts, seq_len=args.seq_len, max_tokens=args.max_tokens)

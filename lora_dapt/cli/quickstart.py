@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import AdapterConfig, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, RunDirError
+from ..rundir import RunDir
 
 log = logging.getLogger("lora_dapt")
 
@@ -186,8 +187,6 @@ def quickstart(
     output_dir: str | Path = "runs/quickstart", steps: int | None = None, *, merge: bool = True
 ) -> QuickstartResult:
     """Run the whole quickstart and return its result (``.table()`` is what the CLI prints)."""
-    import json
-
     from ..export.merge import merge_run
     from ..model.load import resolve_device
     from ..pipeline import run
@@ -208,14 +207,15 @@ def quickstart(
             dtype="float32" if resolve_device().type == "cpu" else "bfloat16",
             overwrite=True,
         )
-    run_dir = Path(result.output_dir)
-    report = run_dir / "report.md"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_dir = RunDir.open(result.output_dir)
+    summary = run_dir.read_summary()
+    if summary is None:
+        raise RunDirError(f"{run_dir.summary_path} is missing: the quickstart's training run did not finish")
     return QuickstartResult(
-        run_dir=run_dir,
+        run_dir=run_dir.path,
         adapter_dir=Path(result.adapter_dir),
         merged_dir=merged,
-        report=report if report.is_file() else None,
+        report=run_dir.report_path if run_dir.report_path.is_file() else None,
         summary=summary,
         wall_time_s=time.time() - t0,
     )

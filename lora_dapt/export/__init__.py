@@ -1,0 +1,1 @@
+"""Export: merge an adapter into a verified 16-bit model (``merge.merge_adapter``, ``merge.merge_run``)."""

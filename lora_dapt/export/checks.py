@@ -1,4 +1,8 @@
-"""export.checks (split from merge)."""
+"""Checks a merge runs before loading any weights: the adapter's files, its base, shapes, disk space.
+
+Everything here works on files and on a "meta" copy of the base (every shape, no memory), so a mismatched,
+corrupted or unsafe adapter, or a full disk, is refused in seconds instead of after minutes of loading.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +23,17 @@ _PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
-class _Adapter:
-    load_dir: Path  # what peft loads from (the adapter dir, or a safetensors copy of a .bin adapter)
+class AdapterFiles:
+    """A checked adapter directory: what peft loads, and the shapes of its tensors."""
+
+    load_dir: Path
+    """What peft loads from: the adapter directory, or a safetensors copy of a ``.bin`` adapter."""
     config: dict[str, Any]
-    shapes: dict[str, tuple[int, ...]]  # parameter name in the base model (peft prefix removed) -> shape
+    """``adapter_config.json``."""
+    shapes: dict[str, tuple[int, ...]]
+    """Parameter name in the base model (peft's prefix removed) -> shape."""
     trained_embeddings: bool
+    """The adapter holds fully trained tensors (embeddings / head, peft ``modules_to_save``)."""
 
 
 def _base_param_name(key: str) -> str:
@@ -40,7 +50,7 @@ def _check_finite(name: str, tensor: torch.Tensor, adapter_dir: Path) -> None:
         )
 
 
-def read_adapter(adapter_dir: str | Path, staging_dir: str | Path | None = None) -> _Adapter:
+def read_adapter(adapter_dir: str | Path, staging_dir: str | Path | None = None) -> AdapterFiles:
     """Read and check a saved peft adapter without loading any model.
 
     Every tensor must be finite. ``adapter_model.safetensors`` is preferred; a lone ``adapter_model.bin`` is
@@ -107,10 +117,10 @@ def read_adapter(adapter_dir: str | Path, staging_dir: str | Path | None = None)
     if not shapes:
         raise MergeError(f"the adapter in {adapter_dir} holds no tensors")
     trained_embeddings = any(".lora_" not in k and "lora_magnitude" not in k for k in shapes)
-    return _Adapter(load_dir, config, shapes, trained_embeddings)
+    return AdapterFiles(load_dir, config, shapes, trained_embeddings)
 
 
-def _meta_model(source: str | Path, trust_remote_code: bool) -> tuple[Any, Any]:
+def meta_model(source: str | Path, trust_remote_code: bool) -> tuple[Any, Any]:
     """(config, model with meta tensors): every shape of the base, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -126,8 +136,8 @@ def _meta_model(source: str | Path, trust_remote_code: bool) -> tuple[Any, Any]:
 _ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
 
 
-def _check_base_name(
-    adapter: _Adapter, adapter_dir: Path, base: str, base_config: Any, resolved: str | None = None
+def check_base_name(
+    adapter: AdapterFiles, adapter_dir: Path, base: str, base_config: Any, resolved: str | None = None
 ) -> list[str]:
     """Compare the adapter's recorded base with the given one. Returns warnings; raises on a different model.
 
@@ -162,7 +172,7 @@ def _check_base_name(
     return [msg]
 
 
-def _check_shapes(adapter: _Adapter, adapter_dir: Path, base: str, meta: Any) -> int | None:
+def check_shapes(adapter: AdapterFiles, adapter_dir: Path, base: str, meta: Any) -> int | None:
     """Check every adapter tensor against the base's modules. Returns a new vocabulary size when the adapter's
     trained embeddings are larger than the base's (an SFT run that added tokens), else None."""
     recorded = adapter.config.get("base_model_name_or_path") or "an unrecorded base"
@@ -220,3 +230,46 @@ def _check_shapes(adapter: _Adapter, adapter_dir: Path, base: str, meta: Any) ->
             "Pass the base model the adapter was trained on."
         )
     return new_vocab
+
+
+def estimate_bytes(meta: Any, dtype: torch.dtype, new_vocab: int | None) -> int:
+    """Bytes the merged model's weights take on disk in ``dtype`` (tied parameters once, as they are saved
+    once; grown embeddings and head included)."""
+    seen: set[int] = set()
+    n = 0
+    for p in meta.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    if new_vocab:
+        emb = meta.get_input_embeddings().weight
+        n += (new_vocab - emb.shape[0]) * emb.shape[1] * 2
+    return n * torch.finfo(dtype).bits // 8
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds ``path`` (its nearest existing ancestor)."""
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_disk_space(out: Path, need: int, dtype: str) -> None:
+    """MergeError unless the file system of ``out`` has room for ``need`` bytes, with a 5% + 64 MiB margin
+    (tokenizer, config, safetensors headers)."""
+    free = free_bytes(out.parent)
+    if free < need * 1.05 + 64 * 2**20:
+        raise MergeError(
+            f"not enough disk space for the merged model in {out.parent}: about {need / 2**30:.2f} GiB "
+            f"needed ({dtype}), {free / 2**30:.2f} GiB free. Free some space or choose another output_dir."
+        )
+
+
+def check_tokenizer(tokenizer: Any, new_vocab: int | None, base: str, base_vocab: int) -> None:
+    """An adapter with grown embeddings needs the tokenizer it was trained with (saved beside it)."""
+    if new_vocab and len(tokenizer) != new_vocab:
+        raise MergeError(
+            f"the adapter's embeddings have {new_vocab} rows but its tokenizer has {len(tokenizer)} tokens; "
+            f"the base {base} has {base_vocab}. Save the tokenizer used in training with the adapter."
+        )
