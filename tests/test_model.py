@@ -1,13 +1,14 @@
-"""load_base_model and apply_lora on the tiny offline Llama."""
+"""The model subpackage on the tiny offline Llama: loading, LoRA, packed attention, the loss, CPU dropout."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from lora_dapt import AdapterConfig
+from lora_dapt import AdapterConfig, ModelConfig
 from lora_dapt.errors import ConfigError, ModelLoadError
-from lora_dapt.model.load import fix_tokenizer, load_base_model
+from lora_dapt.model.load import ModelSource, fix_tokenizer, load_base_model, load_base_model_from
 from lora_dapt.model.lora import apply_lora, count_parameters, tied_embeddings
 
 
@@ -35,6 +36,57 @@ def test_other_quantizations(tiny_model_dir, quant, cls):
     assert type(model.model.layers[0].mlp.down_proj).__name__ == cls
 
 
+def test_load_base_model_from_a_model_config_and_overrides(tiny_model_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), quantization="fp4", compute_dtype="float32")
+    loaded = load_base_model_from(cfg)
+    q = loaded.model.model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == "Linear4bit" and q.weight.quant_state.quant_type == "fp4"
+    assert loaded.source.quantization == "fp4" and loaded.source.compute_dtype == "float32"
+    assert loaded.source.name_or_path == str(tiny_model_dir)
+    # an override replaces the config's value; the rest of the config still applies
+    plain = load_base_model_from(cfg, quantization=None)
+    assert type(plain.model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert plain.source.quantization == "none" and plain.model.dtype == torch.float32
+    none_cfg = cfg.replace(quantization="none", name_or_path="elsewhere/missing")
+    assert not load_base_model_from(none_cfg, name_or_path=str(tiny_model_dir)).source.quantized
+
+
+def test_model_source_of_a_foreign_model_reads_its_quantization(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_dapt.model.bnb import describe_quantization
+
+    qcfg = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=qcfg, device_map={"": "cpu"}
+    )
+    assert describe_quantization(model.config) == ("fp4", "float32")
+    source = ModelSource.of_model(model)
+    assert (source.quantization, source.compute_dtype) == ("fp4", "float32")
+    assert source.name_or_path == str(tiny_model_dir)
+    plain, _ = load_base_model(tiny_model_dir, quantization=None)
+    assert describe_quantization(plain.config) == ("none", None)
+    assert ModelSource.of_model(plain).quantization == "none"
+
+
+def test_several_gguf_files_must_be_chosen(tmp_path):
+    from lora_dapt.model.gguf import find_gguf
+
+    (tmp_path / "a.gguf").write_bytes(b"")
+    assert find_gguf(tmp_path) == (tmp_path, "a.gguf")
+    assert find_gguf(tmp_path / "a.gguf") == (tmp_path, "a.gguf")
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(
+        ModelLoadError, match=r"several GGUF files \(a.gguf, b.gguf\); choose one with gguf_file="
+    ):
+        load_base_model(tmp_path)
+    assert find_gguf(tmp_path, "b.gguf") == (tmp_path, "b.gguf")
+    (tmp_path / "config.json").write_text("{}")
+    assert find_gguf(tmp_path) is None  # a model directory: its GGUF files are not the model
+
+
 def test_compute_dtype_auto_is_float32_on_cpu(tiny_model_dir):
     model, _ = load_base_model(tiny_model_dir, quantization="nf4", compute_dtype="auto")
     assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.float32
@@ -50,20 +102,22 @@ def test_missing_model_path_is_clear(tmp_path):
 
 
 def test_pad_falls_back_to_eos_only_without_alternatives():
-    class Tok:
-        pad_token_id = None
-        pad_token = None
-        unk_token = None
-        unk_token_id = None
-        eos_token = "</s>"
-        eos_token_id = 1
+    from types import SimpleNamespace
 
-        def get_vocab(self):
-            return {"</s>": 1, "a": 2}
-
-    tok = Tok()
+    tok = SimpleNamespace(
+        pad_token_id=None,
+        pad_token=None,
+        unk_token=None,
+        unk_token_id=None,
+        eos_token="</s>",
+        eos_token_id=1,
+        get_vocab=lambda: {"</s>": 1, "a": 2},
+    )
     assert fix_tokenizer(tok) == "eos"
     assert tok.pad_token == "</s>"
+    # a dedicated pad token in the vocabulary wins over eos
+    tok = SimpleNamespace(**{**vars(tok), "pad_token": None, "get_vocab": lambda: {"</s>": 1, "<pad>": 5}})
+    assert fix_tokenizer(tok) == "<pad>" and tok.pad_token == "<pad>"
 
 
 def test_apply_lora_all_linear_trainable_only_lora(tiny_model_dir):
@@ -297,6 +351,109 @@ def test_packed_sdpa_keeps_a_sliding_window(tmp_path):
         )
 
 
+def test_packed_spans_accept_only_the_exact_block_causal_mask():
+    from lora_dapt.model.attention import _packed_spans
+
+    pos = _packed_positions([[3, 2]])
+    seg = torch.tensor([0, 0, 0, 1, 1])
+    exact = ((seg[:, None] == seg[None, :]) & torch.ones(5, 5, dtype=torch.bool).tril())[None, None]
+    assert _packed_spans(exact, pos, 1, 5) == [[(0, 3), (3, 5)]]
+    assert _packed_spans(exact, pos, 2, 5) == [[(0, 3), (3, 5)]] * 2  # one mask broadcast over the batch
+    assert _packed_spans(None, pos, 1, 5) == [[(0, 3), (3, 5)]]  # no mask (a KV cache): split here
+    assert _packed_spans(None, torch.arange(5)[None], 1, 5) is None  # one document, no mask: nothing to split
+    leak = exact.clone()
+    leak[0, 0, 3, 1] = True  # one cross-document entry
+    assert _packed_spans(leak, pos, 1, 5) is None
+    moved = leak.clone()
+    moved[0, 0, 4, 3] = False  # as many True entries as the exact mask, one of them outside the documents
+    assert _packed_spans(moved, pos, 1, 5) is None
+    assert _packed_spans(exact.float(), pos, 1, 5) is None  # an additive float mask is not a packing mask
+
+
+def test_the_loss_finds_the_documents_once_per_forward(tiny_model_dir, monkeypatch):
+    import lora_dapt.model.attention as attention
+    from lora_dapt.model.loss import causal_lm_loss_sum
+
+    model, _ = load_base_model(tiny_model_dir, quantization=None)
+    model = apply_lora(model, AdapterConfig(r=2, gradient_checkpointing=True))  # layers are recomputed
+    calls = []
+    real = attention._packed_spans
+    monkeypatch.setattr(attention, "_packed_spans", lambda *a: calls.append(r := real(*a)) or r)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (2, 40))
+    pos = _packed_positions([[9, 1, 17, 13], [40]])
+    model.train()
+    loss_sum, n = causal_lm_loss_sum(model, ids, ids, pos)
+    loss_sum.backward()
+    assert n == 2 * 39
+    # 2 layers, each run forward and again in the backward pass: the documents were found once
+    assert calls == [[[(0, 9), (9, 10), (10, 27), (27, 40)], [(0, 40)]]]
+    calls.clear()
+    model(input_ids=ids, position_ids=pos, use_cache=False)
+    assert len(calls) == 2  # a forward of the user's own finds them again in each layer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss under no_grad: what evaluation and the merge check score with
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _logits_nll(model, ids, labels, position_ids=None) -> torch.Tensor:
+    """The reference: cross-entropy of the model's own logits over the labelled positions, summed."""
+    logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return F.cross_entropy(logits[keep], targets[keep], reduction="sum")
+
+
+@pytest.mark.parametrize("kind", ["16-bit", "nf4", "peft-nf4", "peft-nf4-chunked", "peft-16-bit-packed"])
+def test_loss_sum_under_no_grad_equals_cross_entropy_of_the_logits(tiny_model_dir, monkeypatch, kind):
+    import lora_dapt.model.loss as loss_mod
+
+    model, tok = load_base_model(tiny_model_dir, quantization=None if "16-bit" in kind else "nf4")
+    if kind.startswith("peft"):
+        torch.manual_seed(0)  # non-zero LoRA B and dropout: eval mode must switch the dropout off
+        model = apply_lora(model, AdapterConfig(r=4, dropout=0.3, init_lora_weights=False))
+    if kind.endswith("chunked"):
+        monkeypatch.setattr(loss_mod, "LOSS_LOGITS_BUDGET", 0)
+        monkeypatch.setattr(loss_mod, "loss_chunk_tokens", lambda vocab: 7)
+    fused = []
+    real = loss_mod._FrozenHeadCrossEntropy.apply
+    monkeypatch.setattr(loss_mod._FrozenHeadCrossEntropy, "apply", lambda *a: fused.append(a[-1]) or real(*a))
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (3, 20))
+    labels = ids.clone()
+    ids[1, 13:] = tok.pad_token_id  # right padding, not scored
+    labels[1, 13:] = -100
+    labels[2, :6] = -100  # a masked prompt
+    pos = _packed_positions([[20], [13, 7], [6, 14]]) if kind.endswith("packed") else None
+    model.eval()
+    with torch.no_grad():
+        loss_sum, n = loss_mod.causal_lm_loss_sum(model, ids, labels, pos)
+        ref = _logits_nll(model, ids, labels, pos)
+    assert n == 19 + 12 + 14
+    assert not loss_sum.requires_grad and loss_sum.dtype == torch.float32
+    assert loss_sum.item() == pytest.approx(ref.item(), rel=1e-5)
+    # a trainable head (no adapter: every weight trains) takes autograd's path; a LoRA model's frozen head the fused one
+    assert fused == ([] if not kind.startswith("peft") else [7 if kind.endswith("chunked") else n])
+
+
+def test_loss_without_targets_is_a_zero_tensor(tiny_model_dir):
+    from lora_dapt.model.loss import causal_lm_loss_sum
+
+    model, _ = load_base_model(tiny_model_dir, quantization="nf4")
+    ids = torch.randint(3, 300, (2, 8))
+    nothing = torch.full_like(ids, -100)
+    with torch.no_grad():
+        loss_sum, n = causal_lm_loss_sum(model.eval(), ids, nothing)
+    assert n == 0 and isinstance(loss_sum, torch.Tensor) and loss_sum.item() == 0.0
+    model = apply_lora(model, AdapterConfig(r=2))
+    loss_sum, n = causal_lm_loss_sum(model, ids, nothing)
+    loss_sum.backward()  # connected to every trainable tensor, with a zero gradient
+    lora = [p for p in model.parameters() if p.requires_grad]
+    assert n == 0 and lora and all(p.grad is not None and not p.grad.any() for p in lora)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CPU dropout for LoRA
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,7 +479,7 @@ def test_cpu_dropout_keeps_the_distribution_and_the_seed():
     # rows are not copies of each other (each element has its own 32 random bits)
     assert not torch.equal(kept[0], kept[1])
     drop.eval()
-    assert drop(x) is x or torch.equal(drop(x), x)
+    assert torch.equal(drop(x), x)  # eval mode: the identity
 
 
 def test_training_swaps_lora_dropout_on_cpu(tiny_model_dir):

@@ -1,10 +1,27 @@
-"""model.attention (split from model)."""
+"""Per-document attention for packed blocks: one plain causal SDPA call per document.
+
+A packed block holds several documents, told apart by ``position_ids`` restarting at 0. transformers keeps
+them apart with a block-diagonal boolean mask, which sends PyTorch's SDPA to a masked kernel (on the CPU a
+packed step was ~10% slower than an unpacked one). :func:`packed_sdpa_attention`, registered with
+transformers' ``AttentionInterface`` under :data:`PACKED_SDPA`, instead runs each document with the unmasked
+causal kernel; the result is the same, forward and backward. Anything else (padding masks, sliding windows,
+a KV cache, decoding) goes to transformers' own SDPA unchanged.
+
+Finding the documents costs a pass over the mask (to prove it is exactly the block-causal mask of those
+documents) and a device-to-host copy of where they start. transformers builds one mask per forward and hands
+the same tensor to every layer, so the answer is worth keeping for the rest of the forward: callers that own
+the forward (:func:`~lora_dapt.model.loss.causal_lm_loss_sum`) pass a fresh :class:`SpanCache` as an extra
+forward argument (:func:`packed_attention_kwargs`), which transformers hands through to the attention
+function of every layer (and to the layers that gradient checkpointing recomputes). A forward without one
+(a user's own ``model(...)`` call) finds the documents again in each layer: correct, and on the CPU about as
+fast (the check is a count and one comparison per document), but on a GPU each layer then waits for the copy.
+"""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
-import weakref
 from typing import Any
 
 import torch
@@ -14,53 +31,103 @@ log = logging.getLogger("lora_dapt")
 PACKED_SDPA = "lora_dapt_sdpa"
 """Name under which :func:`packed_sdpa_attention` is registered with transformers' ``AttentionInterface``."""
 
+SPAN_CACHE_KWARG = "lora_dapt_span_cache"
+"""The forward keyword argument that carries a :class:`SpanCache` to :func:`packed_sdpa_attention`."""
 
-_SPAN_CACHE: list[tuple[Any, Any, list[list[tuple[int, int]]] | None]] = []
+Spans = list[list[tuple[int, int]]]
+"""Per row of a batch, the ``[start, end)`` spans of its documents."""
 
 
 def _packed_spans(
     mask: torch.Tensor | None, position_ids: torch.Tensor, batch: int, length: int
-) -> list[list[tuple[int, int]]] | None:
+) -> Spans | None:
     """Per row, the ``[start, end)`` spans of the packed documents (a new document wherever the position does
     not go up by one), or None when there is nothing to split or ``mask`` is not exactly the block-causal
     mask those spans imply (a padding mask, a sliding window, ...).
 
     ``mask`` None means transformers found plain causal attention enough: it skips packing detection when the
     model runs with a KV cache (``use_cache=True``), so then the documents are split here, as
-    flash-attention's varlen path does. transformers builds one mask per forward and hands the same tensor
-    to every layer (and to the recomputed layers of gradient checkpointing), so the answer is cached per
-    (mask, position_ids) pair of live tensors.
+    flash-attention's varlen path does. Example: position_ids ``[[0, 1, 2, 0, 1]]`` -> ``[[(0, 3), (3, 5)]]``.
     """
-    for mask_ref, pos_ref, spans in _SPAN_CACHE:
-        if (mask_ref() if mask_ref is not None else None) is mask and pos_ref() is position_ids:
-            return spans
-    spans = None
     with torch.no_grad():
         pos = position_ids.expand(batch, -1)
-        new_doc = pos[:, 1:] - pos[:, :-1] != 1
+        new_doc = pos[:, 1:] - pos[:, :-1] != 1  # [batch, length - 1]
         if mask is None:
-            ok = bool(new_doc.any())
-        elif (
+            if not bool(new_doc.any()):
+                return None
+        elif not (
             mask.dtype == torch.bool
             and mask.dim() == 4
+            and mask.shape[0] in (1, batch)
             and mask.shape[1] == 1
             and mask.shape[-2:] == (length,) * 2
         ):
-            seg = torch.cat([torch.zeros_like(pos[:, :1]), new_doc.long().cumsum(-1)], dim=1)
-            causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-            block_causal = (seg[:, None, :, None] == seg[:, None, None, :]) & causal
-            ok = torch.equal(mask.expand(batch, 1, length, length), block_causal)
-        else:
-            ok = False
-        if ok:
-            spans = []
-            for starts in (torch.nonzero(row).flatten() + 1 for row in new_doc.cpu()):
-                edges = [0, *starts.tolist(), length]
-                spans.append(list(itertools.pairwise(edges)))
-    mask_ref = weakref.ref(mask) if mask is not None else None
-    _SPAN_CACHE.insert(0, (mask_ref, weakref.ref(position_ids), spans))
-    del _SPAN_CACHE[4:]
+            return None
+        spans = []
+        for starts in (torch.nonzero(row).flatten() + 1 for row in new_doc.cpu()):
+            spans.append(list(itertools.pairwise([0, *starts.tolist(), length])))
+        if mask is not None and not _is_block_causal(mask[:, 0].expand(batch, length, length), spans):
+            return None
     return spans
+
+
+def _is_block_causal(mask: torch.Tensor, spans: Spans) -> bool:
+    """Whether ``mask`` [batch, length, length] is exactly causal within each span and False elsewhere.
+
+    Exact without building the block-causal mask: every diagonal block equals a lower triangle, and the
+    mask holds no more True entries than those triangles do, so none lies outside them.
+    """
+    inside = sum((e - s) * (e - s + 1) // 2 for row in spans for s, e in row)
+    if int(torch.count_nonzero(mask)) != inside:
+        return False
+    longest = max(e - s for row in spans for s, e in row)
+    tril = torch.ones(longest, longest, dtype=torch.bool, device=mask.device).tril()
+    return all(
+        torch.equal(mask[b, s:e, s:e], tril[: e - s, : e - s]) for b, row in enumerate(spans) for s, e in row
+    )
+
+
+class SpanCache:
+    """The document spans of one forward pass, by (mask, position_ids) tensor: see the module docstring.
+
+    Holds its tensors only as long as the forward (and a gradient-checkpointing recompute) holds the cache;
+    a model whose layers use different masks (sliding and full attention) gets one entry per mask.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[torch.Tensor | None, torch.Tensor, Spans | None]] = []
+
+    def spans(
+        self, mask: torch.Tensor | None, position_ids: torch.Tensor, batch: int, length: int
+    ) -> Spans | None:
+        """:func:`_packed_spans` of these tensors, computed on the first call only."""
+        for known_mask, known_pos, spans in self._entries:
+            if known_mask is mask and known_pos is position_ids:
+                return spans
+        spans = _packed_spans(mask, position_ids, batch, length)
+        self._entries.append((mask, position_ids, spans))
+        return spans
+
+
+def packed_attention_kwargs(model: Any) -> dict[str, Any]:
+    """Extra forward arguments for one forward of ``model``: a fresh :class:`SpanCache` when ``model`` runs
+    :func:`packed_sdpa_attention` and its forward takes extra keyword arguments, else nothing.
+
+    Example::
+
+        hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False, **packed_attention_kwargs(decoder))
+    """
+    inner = getattr(model, "module", model)  # a DistributedDataParallel wrapper has no config
+    config = getattr(model, "config", None) or getattr(inner, "config", None)
+    if getattr(config, "_attn_implementation", None) != PACKED_SDPA:
+        return {}
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a forward inspect cannot read
+        return {}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return {}
+    return {SPAN_CACHE_KWARG: SpanCache()}
 
 
 def packed_sdpa_attention(
@@ -76,17 +143,15 @@ def packed_sdpa_attention(
 ) -> tuple[torch.Tensor, None]:
     """SDPA that runs a packed block one document at a time, each with the plain causal kernel.
 
-    transformers' own SDPA path isolates packed documents with a block-diagonal boolean mask, which sends
-    PyTorch to a masked kernel (and repeats grouped key/value heads); on the CPU that made a packed step
-    ~10% slower than an unpacked one. Here each document of each row is attended with ``is_causal=True``
-    and no mask, so the work is the sum of the squared document lengths instead of the squared block
-    length, and the result is the same (tested against the masked path, forward and backward).
-
-    Anything that is not exactly a block-causal packing mask (padding masks, sliding windows, bidirectional
-    image spans, a KV cache, decoding) goes to transformers' ``sdpa_attention_forward`` unchanged.
+    Each document of each row is attended with ``is_causal=True`` and no mask, so the work is the sum of the
+    squared document lengths instead of the squared block length, and the result is the same as the masked
+    path (tested, forward and backward). Anything that is not exactly a block-causal packing mask (padding
+    masks, sliding windows, bidirectional image spans, a KV cache, decoding) goes to transformers'
+    ``sdpa_attention_forward`` unchanged. ``kwargs`` may carry a :class:`SpanCache` (:data:`SPAN_CACHE_KWARG`).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    cache: SpanCache | None = kwargs.pop(SPAN_CACHE_KWARG, None)
     position_ids = kwargs.get("position_ids")
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -99,7 +164,11 @@ def packed_sdpa_attention(
         and kwargs.get("position_bias") is None
         and kwargs.get("softcap") is None
     ):
-        spans = _packed_spans(attention_mask, position_ids, query.shape[0], q_len)
+        batch = query.shape[0]
+        if cache is not None:
+            spans = cache.spans(attention_mask, position_ids, batch, q_len)
+        else:
+            spans = _packed_spans(attention_mask, position_ids, batch, q_len)
         if spans is not None:
             # Documents are cut out of token-major views with one split per tensor: its backward is a single
             # concatenation, where slicing each document out would zero-fill a full-size gradient per document.
@@ -122,7 +191,7 @@ def packed_sdpa_attention(
                 for q, k, v in zip(*parts, strict=True)
             ]
             joined = out[0] if len(out) == 1 else torch.cat(out, dim=1)  # [1, batch * seq, heads, head_dim]
-            return joined.reshape(query.shape[0], q_len, *joined.shape[2:]), None
+            return joined.reshape(batch, q_len, *joined.shape[2:]), None
     return sdpa_attention_forward(
         module,
         query,
@@ -137,7 +206,10 @@ def packed_sdpa_attention(
 
 
 def register_packed_sdpa() -> str:
-    """Register :func:`packed_sdpa_attention` (and transformers' SDPA mask builder) as ``PACKED_SDPA``."""
+    """Register :func:`packed_sdpa_attention` (and transformers' SDPA mask builder) as ``PACKED_SDPA``.
+
+    Registering is transformers' public way to add a kernel; doing it again replaces the entry with itself.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -149,7 +221,8 @@ def register_packed_sdpa() -> str:
 def use_packed_sdpa(model: Any) -> bool:
     """Switch a model that runs transformers' ``sdpa`` to :func:`packed_sdpa_attention`; True when switched.
 
-    Models on other kernels (flash-attention varlen, eager, a user's choice) are left alone.
+    Models on other kernels (flash-attention varlen, eager, a user's choice) are left alone. The switch is
+    not saved: ``save_pretrained`` writes no attention implementation, so a saved model loads anywhere.
     """
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(
@@ -169,8 +242,9 @@ def pick_attention(model_config: Any, requested: str | None, device: torch.devic
     """An attention implementation that keeps packed documents apart (driven by position_ids).
 
     flash_attention_2 (varlen) on CUDA when installed; otherwise sdpa, whose mask transformers builds from
-    position_ids when no attention_mask is passed (:func:`load_base_model` then switches it to
-    :func:`packed_sdpa_attention`, which runs each packed document with the unmasked causal kernel).
+    position_ids when no attention_mask is passed (:func:`~lora_dapt.model.load.load_base_model` then
+    switches it to :func:`packed_sdpa_attention`, which runs each packed document with the unmasked causal
+    kernel). ``model_config`` is not consulted yet; it is where a per-architecture choice would look.
     """
     if requested:
         return requested

@@ -1,4 +1,11 @@
-"""model.bnb (split from merge, model)."""
+"""Every bitsandbytes touch: the quantization config, the CPU repacking guard, dequantization and the sizes
+of quantized tensors.
+
+bitsandbytes is optional at import time (``lora-dapt --help``, planning and 16-bit runs never need it), so
+it is imported lazily, here only, and its layers and parameters are recognised by class name
+(:func:`is_quantized_linear`, :func:`is_4bit_param`) instead of ``isinstance``. The price is that a
+subclass with another name is not recognised.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,48 @@ import torch
 
 from ..errors import ConfigError, MergeError, ModelLoadError, TrainingError
 
+QUANTIZED_LINEAR_TYPES = ("Linear4bit", "Linear8bitLt")
+"""Class names of bitsandbytes' quantized linear layers (compared by name: bitsandbytes is imported lazily)."""
+
+
+def is_quantized_linear(module: Any) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer."""
+    return type(module).__name__ in QUANTIZED_LINEAR_TYPES
+
+
+def is_4bit_param(param: Any) -> bool:
+    """A bitsandbytes packed 4-bit weight (two values per stored byte)."""
+    return type(param).__name__ == "Params4bit"
+
+
+def logical_numel(param: Any) -> int:
+    """Parameters a tensor stands for: a packed 4-bit weight holds two per stored element."""
+    return param.numel() * (2 if is_4bit_param(param) else 1)
+
+
+def stored_bytes(param: Any) -> int:
+    """Bytes a loaded parameter holds, bitsandbytes' quantization constants included (4-bit absmax and
+    codebooks, nested ones with double quantization; int8 row scales)."""
+    n = param.numel() * param.element_size()
+    qs = getattr(param, "quant_state", None)
+    if qs is not None:
+        for t in (qs.absmax, qs.code, getattr(qs.state2, "absmax", None), getattr(qs.state2, "code", None)):
+            if t is not None:
+                n += t.numel() * t.element_size()
+    scb = getattr(param, "SCB", None)
+    if scb is not None:
+        n += scb.numel() * scb.element_size()
+    return n
+
 
 def quantization_config(
     quantization: str | None, compute_dtype: torch.dtype, *, double_quant: bool = True
 ) -> Any | None:
-    """A transformers ``BitsAndBytesConfig`` for 'nf4' | 'fp4' | 'int8', or None for 16-bit."""
+    """A transformers ``BitsAndBytesConfig`` for 'nf4' | 'fp4' | 'int8', or None for 16-bit.
+
+    4-bit weights are stored as uint8 (two values a byte): the storage type that peft's dequantization and
+    :func:`logical_numel` expect. A missing bitsandbytes is a :class:`ModelLoadError` that names the fix.
+    """
     if quantization in (None, "none"):
         return None
     if quantization not in ("nf4", "fp4", "int8"):
@@ -52,7 +96,7 @@ def keep_4bit_trainable(model: Any) -> int:
     """
     switched = repacked = 0
     for module in model.modules():
-        if type(module).__name__ != "Linear4bit":
+        if not (is_quantized_linear(module) and is_4bit_param(module.weight)):
             continue
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
@@ -66,40 +110,6 @@ def keep_4bit_trainable(model: Any) -> int:
             "again with lora_dapt.load_base_model, which prevents the repacking, then evaluate and train it."
         )
     return switched
-
-
-QUANTIZED_LINEAR_TYPES = ("Linear4bit", "Linear8bitLt")
-"""Class names of bitsandbytes' quantized linear layers (compared by name: bitsandbytes is imported lazily)."""
-
-
-def is_quantized_linear(module: Any) -> bool:
-    """A bitsandbytes 4-bit or 8-bit linear layer."""
-    return type(module).__name__ in QUANTIZED_LINEAR_TYPES
-
-
-def is_4bit_param(param: Any) -> bool:
-    """A bitsandbytes packed 4-bit weight (two values per stored byte)."""
-    return type(param).__name__ == "Params4bit"
-
-
-def logical_numel(param: Any) -> int:
-    """Parameters a tensor stands for: a packed 4-bit weight holds two per stored element."""
-    return param.numel() * (2 if is_4bit_param(param) else 1)
-
-
-def stored_bytes(param: Any) -> int:
-    """Bytes a loaded parameter holds, bitsandbytes' quantization constants included (4-bit absmax and
-    codebooks, nested ones with double quantization; int8 row scales)."""
-    n = param.numel() * param.element_size()
-    qs = getattr(param, "quant_state", None)
-    if qs is not None:
-        for t in (qs.absmax, qs.code, getattr(qs.state2, "absmax", None), getattr(qs.state2, "code", None)):
-            if t is not None:
-                n += t.numel() * t.element_size()
-    scb = getattr(param, "SCB", None)
-    if scb is not None:
-        n += scb.numel() * scb.element_size()
-    return n
 
 
 def quantized_linears(model: Any) -> dict[str, torch.nn.Module]:
@@ -129,6 +139,23 @@ def load_dequantized(peft_model: Any, quantized: dict[str, torch.nn.Module]) -> 
         target.weight.data.copy_(w.to(target.weight.dtype).reshape(target.weight.shape))
         done += 1
     return done
+
+
+def describe_quantization(model_config: Any) -> tuple[str, str | None]:
+    """(quantization, compute dtype) of a model config's bitsandbytes ``quantization_config``: ('nf4' | 'fp4'
+    | 'int8' | 'none', e.g. 'bfloat16' or None). For a model that lora_dapt did not load."""
+    qcfg = getattr(model_config, "quantization_config", None)
+    if qcfg is None:
+        return "none", None
+    data = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    if data.get("load_in_4bit"):
+        quant = str(data.get("bnb_4bit_quant_type") or "nf4")
+    elif data.get("load_in_8bit"):
+        quant = "int8"
+    else:  # another quantizer (GPTQ, AWQ, ...): not bitsandbytes
+        quant = "none"
+    compute = data.get("bnb_4bit_compute_dtype")
+    return quant, None if compute is None else str(compute).removeprefix("torch.")
 
 
 # Old private names, kept until every caller uses the public ones.

@@ -1,18 +1,20 @@
-"""Loading the base model (4-bit, 8-bit or 16-bit; local directories and GGUF files) and attaching LoRA.
+"""Loading the base model: 4-bit, 8-bit or 16-bit, from a local directory, a GGUF file or a hub id.
 
-This is the only module that imports bitsandbytes, and it does so lazily.
+:func:`load_base_model` returns the model, its tokenizer (with a pad token, :func:`fix_tokenizer`) and a
+:class:`ModelSource`: a typed record of where the model came from, which the run directory stores and from
+which merge, SFT and ``lora-dapt eval`` load the same base again. This module resolves the device, the
+compute dtype (:data:`DTYPES`, the one table of dtype names) and the model path; quantization is
+:mod:`~lora_dapt.model.bnb`'s, the GGUF import :mod:`~lora_dapt.model.gguf`'s and the attention kernel
+:mod:`~lora_dapt.model.attention`'s. ``gguf_to_checkpoint``, ``fix_tokenizer`` and ``load_tokenizer`` are
+importable from here too.
 
-GGUF files: transformers can read them but refuses to combine them with bitsandbytes quantization. We
-dequantize the GGUF once into a safetensors checkpoint in a cache directory (keyed by the file's path, size
-and mtime), drop the GGUF ``quantization_config``, and load that checkpoint like any other directory. The
-same cache serves the 16-bit reload at merge time.
+By default the model gets :func:`~lora_dapt.model.attention.packed_sdpa_attention` (or flash-attention's
+varlen kernel on CUDA), so packed documents never attend to each other; ``attn_implementation`` overrides.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,12 +25,34 @@ import torch
 from ..config import ModelConfig
 from ..errors import ConfigError, ModelLoadError
 from .attention import pick_attention, use_packed_sdpa
-from .bnb import keep_4bit_trainable, quantization_config
+from .bnb import describe_quantization, keep_4bit_trainable, quantization_config
+from .gguf import find_gguf, gguf_to_checkpoint
+from .lora import base_model
+from .tokenizer import fix_tokenizer, load_raw_tokenizer, load_tokenizer
+
+__all__ = [
+    "DTYPES",
+    "LoadedModel",
+    "ModelSource",
+    "fix_tokenizer",
+    "gguf_to_checkpoint",
+    "load_base_model",
+    "load_base_model_from",
+    "load_tokenizer",
+    "resolve_compute_dtype",
+    "resolve_device",
+    "resolve_model_source",
+]
 
 log = logging.getLogger("lora_dapt")
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+"""The compute / merge dtypes lora_dapt accepts, by the name configs use."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -52,135 +76,30 @@ def resolve_compute_dtype(
     if isinstance(compute_dtype, torch.dtype):
         return compute_dtype
     if compute_dtype != "auto":
-        if compute_dtype not in _DTYPES:
+        if compute_dtype not in DTYPES:
             raise ConfigError(
                 f"compute_dtype = {compute_dtype!r}: use 'auto', 'bfloat16', 'float16' or 'float32'"
             )
-        return _DTYPES[compute_dtype]
+        return DTYPES[compute_dtype]
     device = device or resolve_device("auto")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 
-def fix_tokenizer(tokenizer: Any) -> str:
-    """Give the tokenizer a pad token without making EOS unlearnable; returns where the pad token came from.
-
-    Preference: an existing pad token ('tokenizer'); else a dedicated special token the vocabulary already
-    has (``<pad>``, ``<|pad|>``, ``<|finetune_right_pad_id|>``: its text; the unk token: 'unk') so that
-    pad != eos; else eos itself ('eos'). Using eos as pad is safe here because lora_dapt builds labels from
-    positions, never by masking every pad-token id (the bug that stops models from learning to end,
-    trl #1623). :func:`load_base_model` records the answer in :attr:`ModelSource.pad_token`.
-    """
-    if tokenizer.pad_token_id is not None:
-        return "tokenizer"
-    vocab = tokenizer.get_vocab()
-    for cand in ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|finetune_right_pad|>"):
-        if cand in vocab and vocab[cand] != tokenizer.eos_token_id:
-            tokenizer.pad_token = cand
-            return cand
-    if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
-        tokenizer.pad_token = tokenizer.unk_token
-        return "unk"
-    if tokenizer.eos_token is None:
-        raise ModelLoadError(
-            "the tokenizer has neither a pad, unk nor eos token; add one, e.g. "
-            "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the model's embeddings"
-        )
-    tokenizer.pad_token = tokenizer.eos_token
-    return "eos"
-
-
-def load_tokenizer(
-    name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False
-) -> Any:
-    """The tokenizer of a model directory, GGUF file or hub id, with a pad token (:func:`fix_tokenizer`)."""
-    tok = _load_raw_tokenizer(name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    fix_tokenizer(tok)
-    return tok
-
-
-def _load_raw_tokenizer(
-    name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False
-) -> Any:
-    from transformers import AutoTokenizer
-
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load a tokenizer from {name_or_path!s}: {e}") from None
-    return tok
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("LORA_DAPT_CACHE", Path.home() / ".cache" / "lora_dapt"))
-
-
-def gguf_to_checkpoint(directory: str | Path, gguf_file: str, *, cache_dir: str | Path | None = None) -> Path:
-    """Dequantize ``directory/gguf_file`` once into a safetensors checkpoint; return its directory.
-
-    The checkpoint (config without the GGUF quantization_config, weights, tokenizer) is cached under
-    ``$LORA_DAPT_CACHE`` (default ``~/.cache/lora_dapt``) keyed by the file's path, size and mtime, so later
-    loads (and the 16-bit reload at merge time) skip the dequantization.
-    """
-    from transformers import AutoModelForCausalLM
-
-    src = Path(directory) / gguf_file
-    if not src.is_file():
-        raise ModelLoadError(f"GGUF file not found: {src} (check model.name_or_path and model.gguf_file)")
-    st = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = Path(cache_dir or _cache_root() / "gguf") / f"{src.stem}-{key}"
-    if (out / ".complete").is_file():
-        return out
-    log.info("dequantizing GGUF %s into %s (once; cached)", src, out)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
-    except (OSError, ValueError, ImportError) as e:
-        raise ModelLoadError(f"cannot read GGUF file {src}: {e}") from None
-    # Small models are kept in float32 (exact dequantized values); large ones in bfloat16 to halve the disk.
-    n = sum(p.numel() for p in model.parameters())
-    if n > 2_000_000_000:
-        model = model.to(torch.bfloat16)
-    # The weights are plain tensors now; drop the GGUF "quantization" so the checkpoint saves and loads as an
-    # ordinary 16/32-bit model that bitsandbytes can quantize (an instance attribute, not a class patch).
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    load_tokenizer(directory, gguf_file=gguf_file).save_pretrained(tmp)
-    (tmp / ".complete").write_text(str(src), encoding="utf-8")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
 def resolve_model_source(name_or_path: str | Path, gguf_file: str | None = None) -> Path | str:
     """Turn (path, gguf_file) into something ``from_pretrained`` can quantize: a directory or a hub id.
 
-    A path to a ``.gguf`` file, or a directory holding exactly one, is accepted without ``gguf_file``.
+    A path to a ``.gguf`` file, or a directory holding exactly one, is accepted without ``gguf_file``; GGUF
+    checkpoints come back as their dequantized copy (:func:`gguf_to_checkpoint`). Anything that is neither
+    a model directory nor shaped like a hub id (``org/name``) is a :class:`ModelLoadError` that says which.
     """
+    found = find_gguf(name_or_path, gguf_file)
+    if found is not None:
+        return gguf_to_checkpoint(*found)
     p = Path(name_or_path)
-    if p.is_file() and p.suffix == ".gguf":
-        return gguf_to_checkpoint(p.parent, p.name)
-    if gguf_file:
-        return gguf_to_checkpoint(p, gguf_file)
     if p.is_dir():
         if not (p / "config.json").is_file():
-            ggufs = sorted(p.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return gguf_to_checkpoint(p, ggufs[0].name)
-            if ggufs:
-                raise ModelLoadError(
-                    f"{p} holds several GGUF files ({', '.join(g.name for g in ggufs)}); choose one with gguf_file="
-                )
             raise ModelLoadError(
                 f"{p} is a directory but has no config.json or .gguf file: not a model directory"
             )
@@ -203,6 +122,7 @@ class ModelSource:
     name_or_path: str
     """The model as the user named it (a directory, a .gguf file, a hub id)."""
     gguf_file: str | None = None
+    """The GGUF file inside ``name_or_path`` when the user named one."""
     resolved: str | None = None
     """What ``from_pretrained`` loaded: the directory (for a GGUF, lora_dapt's dequantized copy) or hub id."""
     quantization: str = "none"
@@ -214,6 +134,7 @@ class ModelSource:
 
     @property
     def quantized(self) -> bool:
+        """Whether the base was loaded with bitsandbytes quantization."""
         return self.quantization not in (None, "none")
 
     def loadable(self) -> tuple[str, str | None]:
@@ -224,6 +145,7 @@ class ModelSource:
         return self.name_or_path, self.gguf_file
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (what ``run_info.json`` stores)."""
         return asdict(self)
 
     @classmethod
@@ -236,20 +158,10 @@ class ModelSource:
     def of_model(cls, model: Any) -> ModelSource:
         """A best guess for a model that :func:`load_base_model` did not load: its config's name, its
         bitsandbytes quantization, its dtype."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         cfg = getattr(base, "config", None)
         name = str(getattr(cfg, "_name_or_path", "") or type(base).__name__)
-        qcfg = getattr(cfg, "quantization_config", None)
-        quant = "none"
-        if qcfg is not None:
-            data = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
-            if data.get("load_in_4bit"):
-                quant = str(data.get("bnb_4bit_quant_type") or "nf4")
-            elif data.get("load_in_8bit"):
-                quant = "int8"
-            compute = data.get("bnb_4bit_compute_dtype")
-        else:
-            compute = None
+        quant, compute = describe_quantization(cfg)
         dtype = str(compute or getattr(base, "dtype", torch.float32)).removeprefix("torch.")
         return cls(name_or_path=name, resolved=name, quantization=quant, compute_dtype=dtype)
 
@@ -257,7 +169,8 @@ class ModelSource:
 @dataclass
 class LoadedModel:
     """What :func:`load_base_model` returns. It unpacks (and indexes) as the pair ``model, tokenizer``;
-    ``source`` says where the model came from (``continued_pretrain(..., model_source=loaded.source)`` records it in the run)."""
+    ``source`` says where the model came from (``continued_pretrain(..., model_source=loaded.source)``
+    records it in the run)."""
 
     model: Any
     tokenizer: Any
@@ -338,7 +251,7 @@ def load_base_model(
         model.to(dev)
     elif dev.type == "cpu":
         keep_4bit_trainable(model)  # before any forward, so no layer is ever repacked (see its docstring)
-    tokenizer = _load_raw_tokenizer(source, trust_remote_code=trust_remote_code)
+    tokenizer = load_raw_tokenizer(source, trust_remote_code=trust_remote_code)
     pad_source = fix_tokenizer(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:

@@ -1,4 +1,10 @@
-"""model.lora (split from model)."""
+"""Attaching a LoRA adapter (peft) to a base model, preparing the base for training, loading a saved adapter.
+
+peft does the adapter; this module chooses what peft does not: the base stays in its 16-bit (or 4-bit)
+dtype while every trainable tensor is fp32 (:func:`prepare_for_training` skips peft's upcast of the whole
+base, several GB on an 8B model), tied embeddings stay tied when they are trained, adapters load only from
+safetensors, and LoRA dropout draws its mask faster on the CPU (:class:`CPUDropout`).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,14 @@ import torch
 
 from ..config import AdapterConfig
 from ..errors import ConfigError, ModelLoadError
-from .bnb import keep_4bit_trainable
+from .bnb import is_quantized_linear, keep_4bit_trainable, logical_numel
 
 log = logging.getLogger("lora_dapt")
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper; the model itself when it has none."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -23,12 +34,13 @@ def linear_module_names(model: Any) -> list[str]:
     for name, module in model.named_modules():
         if module is out_emb:
             continue
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+        if isinstance(module, torch.nn.Linear) or is_quantized_linear(module):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 
 
 def _module_name(model: Any, target: torch.nn.Module) -> str | None:
+    """The leaf name of ``target`` inside ``model`` (what peft's ``modules_to_save`` matches), or None."""
     for name, module in model.named_modules():
         if module is target:
             return name.rsplit(".", 1)[-1]
@@ -36,6 +48,7 @@ def _module_name(model: Any, target: torch.nn.Module) -> str | None:
 
 
 def tied_embeddings(model: Any) -> bool:
+    """Whether the input embeddings and the output head share one weight tensor."""
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     return out is not None and inp.weight.data_ptr() == out.weight.data_ptr()
 
@@ -113,9 +126,11 @@ def _trainable_to_fp32(model: Any) -> None:
 def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any) -> Any:
     """Attach a LoRA adapter (peft) to ``model`` and return the ``PeftModel``.
 
-    Prepares quantized models for k-bit training (peft's ``prepare_model_for_kbit_training``), turns on
-    gradient checkpointing when asked, and with ``train_embeddings`` trains the input embeddings and the
-    output head in full (``modules_to_save``), keeping tied weights tied. Logs trainable / total parameters.
+    ``overrides`` replace single fields of ``config``. Freezes the base and turns on gradient checkpointing
+    when asked (:func:`prepare_for_training`), checks that explicit ``target_modules`` exist (naming the
+    linear layers that do), and with ``train_embeddings`` trains the input embeddings and the output head in
+    full (``modules_to_save``), keeping tied weights tied. Trainable tensors are fp32. Logs trainable /
+    total parameters.
 
     Example::
 
@@ -187,9 +202,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
+        n = logical_numel(p)
         total += n
         if p.requires_grad:
             trainable += n

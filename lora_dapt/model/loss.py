@@ -1,4 +1,18 @@
-"""model.loss (split from train)."""
+"""The one causal-LM loss: summed next-token cross-entropy over the labelled positions, and their count.
+
+Training (the Trainer's ``compute_loss``), evaluation and the merge check all score through
+:func:`causal_lm_loss_sum`, so a reported eval loss is the training loss on other data. It returns a sum
+and a count rather than a mean so that callers can average over gradient-accumulation steps, batches or
+whole datasets exactly.
+
+Trade-offs: the model's own ``model(..., labels=...)`` computes ``[batch, seq, vocab]`` logits and keeps
+them (and their fp32 copy) for the backward pass: for a 128K vocabulary that is the largest tensor of a
+QLoRA step. Here only the hidden states of labelled positions reach the head, in chunks when their logits
+would exceed :data:`LOSS_LOGITS_BUDGET`. A frozen ``nn.Linear`` head (the LoRA case) gets its gradient
+w.r.t. the hidden states in the forward pass and keeps no logits at all; a trainable or wrapped head pays a
+second pass through the head per chunk in the backward pass instead. Models whose head post-processes the
+logits (soft-capping, scaling) go through their own forward, which is always right but not lean.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute
+
+from .attention import packed_attention_kwargs
+from .lora import base_model
 
 LOSS_CHUNK_TOKENS = 1024
 """The most positions per chunk when the loss is chunked."""
@@ -29,6 +46,7 @@ def loss_chunk_size(positions: int, vocab_size: int) -> int:
 
 
 def _supports_hidden_state_loss(base: Any) -> bool:
+    """Whether ``base`` exposes a decoder and a head whose logits are plain ``head(hidden)``."""
     cfg = getattr(base, "config", None)
     if cfg is None or not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:
         return False
@@ -85,6 +103,13 @@ def causal_lm_loss_sum(
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over positions whose target label is not -100, and their count.
 
+    As in transformers, ``logits[t]`` predicts ``labels[t + 1]``, so ``labels`` is ``input_ids`` with -100
+    wherever nothing is scored (padding on the right, masked prompts). ``position_ids`` restarting at 0 mark
+    packed documents (they attend only within themselves); None means one sequence per row. Works for plain
+    and peft models, 4-bit or 16-bit, in training and under ``torch.no_grad()`` in eval mode; the sum is a
+    float32 scalar tensor (connected to the trainable parameters when grad is enabled, even when the count is
+    0, so that a backward pass reaches every trainable parameter).
+
     Only hidden states of trained positions reach the output head (padding and masked prompts cost nothing
     there). When their fp32 logits fit in ``LOSS_LOGITS_BUDGET`` they are computed in one go; otherwise in
     chunks of :func:`loss_chunk_tokens` positions, so peak memory holds one chunk of logits instead of
@@ -93,21 +118,34 @@ def causal_lm_loss_sum(
     own path, with each chunk recomputed in the backward pass (a second pass through the head, which is why
     small batches skip chunking). Heads that post-process logits (soft-capping, scaling) go through the
     model's own forward.
+
+    Example::
+
+        with torch.no_grad():
+            loss_sum, n = causal_lm_loss_sum(model, ids, labels)
+        mean_nll = loss_sum.item() / max(n, 1)
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     targets = labels[:, 1:]  # logits[t] predicts token t+1
     keep = targets != -100
     n = int(keep.sum())
     if n == 0:
-        zero = sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
+        zero = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+        if torch.is_grad_enabled():
+            zero = sum((p.sum() * 0 for p in model.parameters() if p.requires_grad), zero)
         return zero, 0
-    if not _supports_hidden_state_loss(base):
-        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[:, :-1]
-        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
     # use_cache=False: transformers only derives the packed-document mask from position_ids without a KV cache
-    hidden = base.get_decoder()(
-        input_ids=input_ids, position_ids=position_ids, use_cache=False
+    if not _supports_hidden_state_loss(base):
+        extra = packed_attention_kwargs(model)
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
+        keep, targets = keep.to(logits.device), targets.to(logits.device)
+        return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum"), n
+    decoder = base.get_decoder()
+    extra = packed_attention_kwargs(decoder)
+    hidden = decoder(
+        input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra
     ).last_hidden_state
+    keep, targets = keep.to(hidden.device), targets.to(hidden.device)
     h = hidden[:, :-1][keep]  # [n, hidden]
     y = targets[keep]  # [n]
     head = base.get_output_embeddings()
