@@ -8,10 +8,12 @@ continued pre-training with before/after evaluation -> optional merge.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import RunConfig
-from .train.pretrain import TrainResult
+
+if TYPE_CHECKING:
+    from .train.pretrain import TrainResult
 
 log = logging.getLogger("lora_dapt")
 
@@ -27,7 +29,7 @@ def run(config: RunConfig) -> TrainResult:
     from transformers import set_seed
 
     from .data.corpus import prepare_corpus
-    from .model.load import load_base_model, load_tokenizer, resolve_model_source
+    from .model.load import load_base_model_from, load_tokenizer, resolve_model_source
     from .model.lora import apply_lora
     from .train.pretrain import continued_pretrain
 
@@ -37,16 +39,7 @@ def run(config: RunConfig) -> TrainResult:
     tokenizer = load_tokenizer(source, trust_remote_code=m.trust_remote_code)
     corpus = prepare_corpus(config.data.sources, tokenizer, config.data)
     log.info("corpus ready:\n%s", _summary(corpus))
-    loaded = load_base_model(
-        m.name_or_path,
-        quantization=m.quantization,
-        compute_dtype=m.compute_dtype,
-        double_quant=m.double_quant,
-        gguf_file=m.gguf_file,
-        device=m.device,
-        trust_remote_code=m.trust_remote_code,
-        attn_implementation=m.attn_implementation,
-    )
+    loaded = load_base_model_from(m)
     set_seed(config.train.seed)  # the LoRA init draws from the global generators
     model = apply_lora(loaded.model, config.adapter)
     result = continued_pretrain(

@@ -29,7 +29,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import RunDirError, TrainingError
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .model.load import ModelSource
 
 log = logging.getLogger("lora_dapt")
+_Section = TypeVar("_Section")
 
 COMPLETE_MARKER = "lora_dapt_complete.json"
 """Written into a checkpoint after every file of it is on disk; a checkpoint without it does not count."""
@@ -45,6 +46,7 @@ MERGE_REPORT = "merge_report.json"
 """The verification report export.merge writes into every merged model directory."""
 EVAL_TEXTS_KEPT = 256
 """Held-out documents kept in ``eval_texts.json``."""
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,6 +100,23 @@ class EvalRow:
             "eval_tokens": self.result.get("tokens"),
             "tokens": self.tokens,
         }
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from (:meth:`RunDir.start`), and how far that run had got."""
+
+    checkpoint: Path
+    step: int
+    """Optimizer steps done (the Trainer's ``global_step``)."""
+    tokens: int
+    """Tokens trained so far (the Trainer's ``num_input_tokens_seen``)."""
+
+    def adapter_weights(self) -> dict[str, Any]:
+        """The adapter tensors saved in the checkpoint (for a run whose every step is already done)."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.checkpoint / "adapter_model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,6 +198,15 @@ class RunDir:
         """True for a finished training run directory (DAPT or SFT): it holds ``adapter/adapter_config.json``."""
         return (Path(path) / "adapter" / "adapter_config.json").is_file()
 
+    @staticmethod
+    def run_of_adapter(path: str | Path) -> Path | None:
+        """The run directory when ``path`` is the ``adapter/`` folder of a run (a common slip: the run is what
+        merge and SFT want); else None."""
+        p = Path(path)
+        if (p / "adapter_config.json").is_file() and RunDir.is_run(p.parent):
+            return p.parent
+        return None
+
     # -- layout --------------------------------------------------------------------------------------------
     @property
     def config_path(self) -> Path:
@@ -229,8 +257,24 @@ class RunDir:
         data = _read_json(self.merged_dir / MERGE_REPORT)
         return data if isinstance(data, dict) else None
 
+    def has_current_merge(self) -> bool:
+        """True when ``merged/`` holds a merge that verified and is not older than the adapter's weights (so
+        it can be reused); an unreadable report counts as no merge."""
+        try:
+            passed = (self.read_merge_report() or {}).get("passed") is True
+        except RunDirError:
+            return False
+        if not passed or not (self.merged_dir / "config.json").is_file():
+            return False
+        weights, report = self.adapter_dir / "adapter_model.safetensors", self.merged_dir / MERGE_REPORT
+        return not weights.is_file() or weights.stat().st_mtime <= report.stat().st_mtime
+
     def has_adapter(self) -> bool:
         return (self.adapter_dir / "adapter_config.json").is_file()
+
+    def has_adapter_tokenizer(self) -> bool:
+        """True when ``adapter/`` holds the tokenizer training saved (every run since the first version does)."""
+        return any((self.adapter_dir / f).is_file() for f in _TOKENIZER_FILES)
 
     # -- config --------------------------------------------------------------------------------------------
     def write_config(self, config: RunConfig | dict[str, Any]) -> None:
@@ -264,7 +308,7 @@ class RunDir:
             )
         return data
 
-    def read_section(self, name: str, cls: type) -> Any:
+    def read_section(self, name: str, cls: type[_Section]) -> _Section:
         """One section of ``config.yaml`` as its config class (``cls.from_dict``; defaults when absent), so a
         wrong key or value is an error, not a silent default."""
         data = self.read_config() or {}
@@ -332,8 +376,9 @@ class RunDir:
         return rows
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop the rows logged after ``step`` (written after the checkpoint a resume starts from); the
-        'before' evaluation rows stay."""
+        """Drop the rows logged after ``step`` (written after the checkpoint a resume starts from) and the
+        'after' evaluation of an earlier session (the run goes on, so that was not its end); the 'before'
+        evaluation rows stay."""
         path = self.metrics_path
         if not path.is_file():
             return
@@ -343,7 +388,10 @@ class RunDir:
                 row = json.loads(line)
             except ValueError:
                 continue  # a row cut by a crash
-            if row.get("phase") == "before" or int(row.get("step", 0)) <= step:
+            if not isinstance(row, dict):
+                continue
+            phase = row.get("phase")
+            if phase == "before" or (phase != "after" and int(row.get("step", 0)) <= step):
                 keep.append(line)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
@@ -402,6 +450,31 @@ class RunDir:
     def find_resume_checkpoint(self, resume_from: str) -> Path | None:
         """Resolve ``resume_from`` ('latest' or a path); see :func:`find_resume_checkpoint`."""
         return find_resume_checkpoint(self.path, resume_from)
+
+    def start(self, resume_from: str | None) -> Resume | None:
+        """Make the directory ready for training; the checkpoint to continue from, or None for a fresh start.
+
+        Resume (``resume_from`` 'latest' or a checkpoint path, see :func:`find_resume_checkpoint`): the metrics
+        log is cut back to the checkpoint's step, so no step appears twice. Fresh start: an earlier run's
+        checkpoints and metrics log are deleted (with a warning), or they would mix with the new run's.
+        """
+        self.create()
+        ckpt = self.find_resume_checkpoint(resume_from) if resume_from else None
+        if ckpt is not None:
+            state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+            resume = Resume(ckpt, int(state["global_step"]), int(state.get("num_input_tokens_seen", 0)))
+            self.truncate_metrics(resume.step)
+            log.info("resuming from %s (step %d)", ckpt, resume.step)
+            return resume
+        if self.has_previous_run():
+            log.warning(
+                "starting a fresh run in %s: replacing the previous run's metrics log and %d checkpoint(s) "
+                "(set train.resume_from=latest to continue it instead)",
+                self.path,
+                len(self.checkpoints()),
+            )
+            self.clear_previous_run()
+        return None
 
     def has_previous_run(self) -> bool:
         """True when checkpoints or a metrics log of an earlier run are here."""

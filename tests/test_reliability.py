@@ -15,13 +15,14 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from lora_dapt import AdapterConfig, EvalConfig, TrainConfig
 from lora_dapt.data.packing import pack_documents
 from lora_dapt.errors import ModelLoadError, TrainingError
 from lora_dapt.model.load import load_base_model
 from lora_dapt.model.lora import apply_lora, load_adapter
-from lora_dapt.rundir import COMPLETE_MARKER, find_resume_checkpoint
+from lora_dapt.rundir import COMPLETE_MARKER, RunDir, find_resume_checkpoint
 from lora_dapt.train.pretrain import continued_pretrain
 
 from .conftest import make_text
@@ -44,16 +45,8 @@ def _start(model_dir: Path, out: Path, resume: str = "") -> subprocess.Popen:
 
 
 def _train_rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
-    return [r for r in rows if r.get("type") == "train"]
+    """The train rows logged so far (a row being written is skipped)."""
+    return [r for r in RunDir(out).read_metrics() if r.get("type") == "train"]
 
 
 def _wait_rows(proc: subprocess.Popen, out: Path, n: int, timeout: float = 180) -> None:
@@ -217,21 +210,23 @@ def test_huge_learning_rate_is_caught(tiny_model_dir, tmp_path):
         gradient_accumulation_steps=1,
         scheduler="constant",
     )
-    with pytest.raises(TrainingError, match=r"non-finite (loss|gradient) at step \d+"):
+    # step 1's gradient is finite; its update (lr 1e30) makes step 2's forward overflow
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 2; .* Last good checkpoint: none"):
         continued_pretrain(model, tok, _blocks(tok), cfg, eval_config=NO_EVAL)
 
 
+class OutOfMemoryAtFirstStep(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 def test_out_of_memory_becomes_advice(tiny_model_dir, tmp_path):
-    from transformers import TrainerCallback
-
-    class Boom(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
     model, tok = _model(tiny_model_dir)
     cfg = TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=4, gradient_accumulation_steps=2)
     with pytest.raises(TrainingError) as err:
-        continued_pretrain(model, tok, _blocks(tok), cfg, eval_config=NO_EVAL, callbacks=[Boom()])
+        continued_pretrain(
+            model, tok, _blocks(tok), cfg, eval_config=NO_EVAL, callbacks=[OutOfMemoryAtFirstStep()]
+        )
     msg = str(err.value)
     assert "seq_len=32, batch_size=4, gradient_accumulation_steps=2" in msg
     assert "lora-dapt plan" in msg and "Tried to allocate 2.00 GiB" in msg

@@ -23,11 +23,12 @@ from lora_dapt.data.chat import (
     tokenize_conversation,
 )
 from lora_dapt.data.packing import pack_documents
-from lora_dapt.errors import ConfigError, DataError
+from lora_dapt.errors import ConfigError, DataError, ModelLoadError, RunDirError
 from lora_dapt.evaluate.generate import generate_chat
-from lora_dapt.export.merge import REPORT_NAME, merge_run
+from lora_dapt.export.merge import merge_run
 from lora_dapt.model.load import load_base_model, load_tokenizer
 from lora_dapt.model.lora import apply_lora
+from lora_dapt.rundir import RunDir
 from lora_dapt.train.pretrain import continued_pretrain
 from lora_dapt.train.sft import sft, sft_from_config
 
@@ -239,6 +240,25 @@ def test_yaml_without_a_source_names_the_fix(tmp_path):
         sft_from_config(RunConfig())
 
 
+def test_a_run_directory_is_read_back_through_rundir(tmp_path):
+    """A DAPT run is recognised by its adapter; its base comes from run_info.json, its merge from config.yaml."""
+    run = RunDir(tmp_path / "dapt").create()
+    run.adapter_dir.mkdir()
+    (run.adapter_dir / "adapter_config.json").write_text("{}")
+    cfg = SFTConfig(output_dir=str(tmp_path / "sft"))
+    with pytest.raises(ConfigError, match="is an adapter directory; pass its run directory"):
+        sft(run.adapter_dir, TOY, cfg)
+    with pytest.raises(ModelLoadError, match=r"run_info.json is missing or records no base model"):
+        sft(run.path, TOY, cfg)
+    run.run_info_path.write_text('{"base_model": {"name_or_path"', encoding="utf-8")
+    with pytest.raises(RunDirError, match=r"run_info.json is unreadable \(JSONDecodeError"):
+        sft(run.path, TOY, cfg)
+    run.write_config({"merge": {"dtype": "int4"}})  # read before anything is loaded: a typo fails first
+    with pytest.raises(ConfigError, match="merge.dtype"):
+        sft(run.path, TOY, cfg)
+    assert not (tmp_path / "sft").exists()  # nothing written for a run that could not start
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Training on the tiny model
 # --------------------------------------------------------------------------------------------------------------
@@ -331,7 +351,7 @@ def test_dapt_run_continue_via_yaml_then_merge(dapt_run, tiny_model_dir, tmp_pat
     assert (_emb(tuned) - _emb(dapt)).norm() < 0.5 * (_emb(tuned) - base_emb).norm()
 
     merged = merge_run(run)
-    assert json.loads((merged / REPORT_NAME).read_text())["passed"] is True
+    assert Path(merged) == RunDir(run).merged_dir and RunDir(run).read_merge_report()["passed"] is True
     assert load_tokenizer(merged).chat_template == DEFAULT_CHAT_TEMPLATE
 
 
@@ -344,18 +364,40 @@ def test_dapt_run_stack_merge_then_merge(dapt_run, tmp_path):
         eval_config=EvalConfig(general=False),
     )
     run = Path(result.output_dir)
-    dapt_merged = dapt_run / "merged"
-    assert json.loads((dapt_merged / REPORT_NAME).read_text())["passed"] is True
+    dapt_merged = RunDir(dapt_run).merged_dir
+    assert RunDir(dapt_run).read_merge_report()["passed"] is True
     info = json.loads((run / "run_info.json").read_text())["base_model"]
     assert info["name_or_path"] == str(dapt_merged) and info["quantization"] == "nf4"
     tuned = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert all(".lora_" in k for k in tuned)  # a fresh adapter; DAPT's embeddings live in the merged base
 
     final = merge_run(run)
-    assert json.loads((final / REPORT_NAME).read_text())["passed"] is True
+    assert Path(final) == RunDir(run).merged_dir and RunDir(run).read_merge_report()["passed"] is True
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     dapt = load_file(str(dapt_run / "adapter" / "adapter_model.safetensors"))
     torch.testing.assert_close(model.get_input_embeddings().weight, _emb(dapt), atol=2e-2, rtol=2e-2)
-    assert isinstance(generate_chat(model, load_tokenizer(final), "Name the field of 'pump'.", 6), str)
+    # the final model is the DAPT merge with the SFT adapter folded in (merge.dtype float32, inherited)
+    stacked = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(dapt_merged, dtype=torch.float32), str(run / "adapter")
+    )
+    tok = load_tokenizer(final)
+    prompt = "Name the field of 'pump'."
+    ids = tok(chat_prompt(tok, prompt), return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, stacked(ids).logits, atol=1e-4, rtol=1e-4)
+    answer = generate_chat(model, tok, prompt, 6)
+    assert isinstance(answer, str) and answer == generate_chat(stacked, tok, prompt, 6)
+    # a second stack='merge' SFT reuses the DAPT merge it verified (no new merge, same report)
+    report_time = (dapt_merged / "merge_report.json").stat().st_mtime_ns
+    assert RunDir(dapt_run).has_current_merge()
+    sft(
+        dapt_run,
+        TOY,
+        SFTConfig(output_dir=str(tmp_path / "sft2"), max_steps=1, stack="merge", **FAST),
+        adapter_config=SMALL,
+        eval_config=EvalConfig(enabled=False),
+    )
+    assert (dapt_merged / "merge_report.json").stat().st_mtime_ns == report_time

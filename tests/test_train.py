@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from lora_dapt import AdapterConfig, EvalConfig, TrainConfig
 from lora_dapt.data.packing import pack_documents
 from lora_dapt.errors import DataError, TrainingError
-from lora_dapt.model.load import load_base_model
+from lora_dapt.model.load import ModelSource, load_base_model
 from lora_dapt.model.lora import apply_lora, load_adapter
 from lora_dapt.model.loss import causal_lm_loss_sum
+from lora_dapt.rundir import RunDir, find_resume_checkpoint
 from lora_dapt.train.pretrain import continued_pretrain
 from lora_dapt.train.schedule import lr_factor, total_optimizer_steps
 
@@ -118,18 +121,33 @@ def test_qlora_learns_and_base_stays_frozen(tiny_model_dir, tmp_path):
     ):
         assert (run / f).is_file(), f
     assert json.loads((run / "run_info.json").read_text())["base_model"]["quantization"] == "nf4"
+    saved = RunDir.open(run)
+    assert saved.read_run_info().name_or_path == str(tiny_model_dir)  # guessed from the model's config
+    config = saved.read_config()  # assembled from the parts (no run_config given)
+    assert config["train"]["max_steps"] == 30 and config["train"]["learning_rate"] == 1e-2
+    assert config["adapter"]["r"] == 8 and config["model"]["quantization"] == "nf4"
+    assert config["eval"]["enabled"] is False
+    summary = saved.read_summary()
+    assert summary["steps"] == 30 and summary["final_loss"] == pytest.approx(last)
+    assert summary["tokens_trained"] == result.tokens_trained and summary["stopped"] is None
+    assert summary["data_stats"] == {}  # a bare Dataset has no corpus stats
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 8
 
 
 def test_saved_adapter_reloads_to_same_logits(tiny_model_dir, tmp_path):
     model, tok = qlora(tiny_model_dir)
     ds = blocks(tok, [make_text(20, s) for s in range(8)])
+    source = ModelSource(name_or_path="somewhere/else", quantization="nf4", compute_dtype="float32")
     continued_pretrain(
         model,
         tok,
         ds,
         TrainConfig(output_dir=str(tmp_path), max_steps=5, learning_rate=1e-2, gradient_accumulation_steps=1),
         eval_config=NO_EVAL,
+        model_source=source,
     )
+    assert RunDir(tmp_path).read_run_info() == source  # what the caller said, not a guess
+    assert RunDir(tmp_path).read_config()["model"]["name_or_path"] == "somewhere/else"
     x = torch.tensor([ds[0]["input_ids"]])
     model.eval()
     with torch.no_grad():
@@ -145,14 +163,28 @@ def test_saved_adapter_reloads_to_same_logits(tiny_model_dir, tmp_path):
         assert not torch.allclose(bare(input_ids=x).logits, got, atol=1e-3)
 
 
+class StopAt(TrainerCallback):
+    """Stops the run after optimizer step ``step`` (None: never), as a crash after it would."""
+
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.step is not None and state.global_step == self.step:
+            control.should_training_stop = True
+
+
+class GrabParamGroups(TrainerCallback):
+    """Records each optimizer parameter group's (learning rate, number of tensors) at the start."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[float, int]] = {}
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
+        self.seen.update({g["name"]: (g["lr"], len(g["params"])) for g in optimizer.param_groups})
+
+
 def _run(model_dir, out, max_steps, *, stop_at=None, resume=None, save_every=4):
-    from transformers import TrainerCallback
-
-    class StopAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if stop_at is not None and state.global_step == stop_at:
-                control.should_training_stop = True
-
     model, tok = qlora(model_dir)
     ds = blocks(tok, [make_text(25, s) for s in range(24)])
     cfg = TrainConfig(
@@ -165,7 +197,7 @@ def _run(model_dir, out, max_steps, *, stop_at=None, resume=None, save_every=4):
         save_every=save_every,
         resume_from=resume,
     )
-    result = continued_pretrain(model, tok, ds, cfg, eval_config=NO_EVAL, callbacks=[StopAt()])
+    result = continued_pretrain(model, tok, ds, cfg, eval_config=NO_EVAL, callbacks=[StopAt(stop_at)])
     return model, result
 
 
@@ -187,14 +219,8 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
 
 
 def test_embedding_param_group_has_its_own_lr(tiny_tied_model_dir, tmp_path):
-    from transformers import TrainerCallback
-
-    seen = {}
-
-    class Grab(TrainerCallback):
-        def on_train_begin(self, args, state, control, optimizer=None, **kw):
-            seen.update({g["name"]: (g["lr"], len(g["params"])) for g in optimizer.param_groups})
-
+    grab = GrabParamGroups()
+    seen = grab.seen
     model, tok = qlora(tiny_tied_model_dir, train_embeddings=True)
     ds = blocks(tok, [make_text(20, s) for s in range(4)])
     cfg = TrainConfig(
@@ -205,10 +231,12 @@ def test_embedding_param_group_has_its_own_lr(tiny_tied_model_dir, tmp_path):
         scheduler="constant",
         gradient_accumulation_steps=1,
     )
-    continued_pretrain(model, tok, ds, cfg, eval_config=NO_EVAL, callbacks=[Grab()])
+    continued_pretrain(model, tok, ds, cfg, eval_config=NO_EVAL, callbacks=[grab])
     assert seen["lora"][0] == pytest.approx(1e-3 / 1)  # constant schedule, no warmup
     assert seen["embeddings"][0] == pytest.approx(2e-5)
-    assert seen["embeddings"][1] >= 1
+    n_lora = sum(1 for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    assert seen["lora"][1] == n_lora > 0
+    assert seen["embeddings"][1] == 1  # tied: the one embedding matrix is also the head
     # default: a tenth of the LoRA learning rate
     seen.clear()
     model, tok = qlora(tiny_tied_model_dir, train_embeddings=True)
@@ -218,7 +246,7 @@ def test_embedding_param_group_has_its_own_lr(tiny_tied_model_dir, tmp_path):
         ds,
         cfg.replace(embedding_learning_rate=None, output_dir=str(tmp_path / "b")),
         eval_config=NO_EVAL,
-        callbacks=[Grab()],
+        callbacks=[grab],
     )
     assert seen["embeddings"][0] == pytest.approx(1e-4)
 
@@ -309,3 +337,90 @@ def test_trainable_head_takes_the_autograd_loss(tiny_model_dir):
     loss_sum, n = causal_lm_loss_sum(model, ids, ids.clone())
     loss_sum.backward()
     assert n == 11 and head.weight.grad is not None and head.weight.grad.abs().max() > 0
+
+
+def test_resume_after_the_last_step_takes_the_checkpoint(tiny_model_dir, tmp_path):
+    """The process died after its last checkpoint: resuming must not train a step more."""
+    model, done = _run(tiny_model_dir, tmp_path, 4, save_every=2)
+    trained = lora_state(model)
+    (tmp_path / "adapter").rename(tmp_path / "adapter-first")
+    resumed_model, resumed = _run(tiny_model_dir, tmp_path, 4, resume="latest", save_every=2)
+    assert resumed.steps == done.steps == 4 and resumed.tokens_trained == done.tokens_trained
+    after = lora_state(resumed_model)
+    for n in trained:
+        assert torch.equal(trained[n], after[n]), n  # the checkpoint's weights, not a fresh init
+    rows = RunDir(tmp_path).read_metrics()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # no step logged twice
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _eval_corpus(tok):
+    held_out = [make_text(25, s) for s in range(100, 104)]
+    return SimpleNamespace(
+        train=blocks(tok, [make_text(25, s) for s in range(12)]),
+        eval=blocks(tok, held_out),
+        eval_documents=held_out,
+        stats=None,
+    )
+
+
+def test_evaluation_rows_and_a_resume_reuses_the_base_scores(tiny_model_dir, tmp_path):
+    general = [make_text(30, seed=99)]
+    cfg = TrainConfig(
+        output_dir=str(tmp_path), max_steps=4, eval_every=2, save_every=2, gradient_accumulation_steps=1
+    )
+    model, tok = qlora(tiny_model_dir)
+    corpus = _eval_corpus(tok)
+    result = continued_pretrain(model, tok, corpus, cfg, general_texts=general)
+    run = RunDir(tmp_path)
+    evals = [(r["phase"], r["split"], r["step"]) for r in run.read_metrics() if r["type"] == "eval"]
+    assert evals == [
+        *[("before", split, 0) for split in ("domain", "general")],
+        *[("during", split, 2) for split in ("domain", "general")],
+        *[("during", split, 4) for split in ("domain", "general")],
+        *[("after", split, 4) for split in ("domain", "general")],
+    ]
+    assert run.read_eval_before() == result.before and set(result.before) == {"domain", "general"}
+    assert run.read_eval_texts() == corpus.eval_documents
+    assert result.after["domain"]["loss"] != result.before["domain"]["loss"]
+    assert set(result.forgetting) and result.stopped is None
+
+    # the resumed session compares with the base as first measured, not with its own starting point
+    marker = {"domain": {"loss": 9.0, "ppl": 8103.08}, "general": {"loss": 9.5, "ppl": 13359.7}}
+    run.write_eval_before(marker)
+    model, tok = qlora(tiny_model_dir)
+    resumed = continued_pretrain(
+        model, tok, _eval_corpus(tok), cfg.replace(max_steps=6, resume_from="latest"), general_texts=general
+    )
+    assert resumed.steps == 6 and resumed.before == marker
+    phases = [(r["phase"], r["step"]) for r in run.read_metrics() if r["type"] == "eval"]
+    assert phases.count(("before", 0)) == 2  # the first session's rows only: not measured again
+    assert ("after", 4) not in phases and phases[-2:] == [("after", 6), ("after", 6)]
+
+
+def test_forgetting_budget_stops_and_checkpoints_at_that_step(tiny_model_dir, tmp_path):
+    model, tok = qlora(tiny_model_dir)
+    text = make_text(20, seed=3)
+    ds = blocks(tok, [text] * 16)  # one sentence, hard: general text gets worse at once
+    cfg = TrainConfig(
+        output_dir=str(tmp_path),
+        max_steps=20,
+        learning_rate=3e-2,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        eval_every=2,
+        scheduler="constant",
+    )
+    eval_cfg = EvalConfig(max_general_ppl_increase=0.01)
+    result = continued_pretrain(
+        model, tok, ds, cfg, eval_config=eval_cfg, general_texts=[make_text(60, s) for s in (50, 51)]
+    )
+    assert result.stopped is not None
+    assert result.stopped.startswith(f"forgetting budget exceeded at step {result.steps}: general ppl")
+    assert 2 <= result.steps < 20 and result.steps % 2 == 0
+    assert result.after["general"]["ppl"] > 1.01 * result.before["general"]["ppl"]
+    # the stop saved a checkpoint at that step (save_every is 0), complete and resumable
+    assert (
+        find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoints" / f"checkpoint-{result.steps}"
+    )
+    assert RunDir(tmp_path).read_summary()["stopped"] == result.stopped

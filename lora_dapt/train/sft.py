@@ -11,131 +11,79 @@ and the same chunked loss. TRL's default chunked loss swaps ``model.forward`` an
 which a DAPT adapter with trained embeddings has (STYLE.md). trl is used for what it is good at here: its
 data helpers (``is_conversational``, ``maybe_convert_to_chatml``).
 
-Data. Four row formats, detected per file from its first row (or forced with ``SFTConfig.format``) and
-checked on every row; every malformed row is reported with its file and line number, all at once:
-
-* ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
-* ``prompt_completion``: ``{"prompt": "...", "completion": "..."}`` (or trl's conversational lists)
-* ``alpaca``: ``{"instruction": "...", "input": "..." (optional), "output": "...", "system": (optional)}``
-* ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}``
-
-Every format becomes a list of chat messages and is rendered with the tokenizer's chat template, so training
-and inference see the same format. A tokenizer without a template (a base model) gets
-:data:`DEFAULT_CHAT_TEMPLATE`, which is saved with the tokenizer in the run's ``adapter/`` (and so in the
-merged model). It uses plain-text role headers, no new tokens, so the embeddings need not grow::
-
-    <s>### System:\\nBe brief.\\n\\n### User:\\nWhat is a dose?\\n\\n### Assistant:\\nAn amount.</s>\\n\\n
-
-Labels. Masking is by position, never by token id (pad may equal eos, trl #1623): assistant content and
-the end-of-turn token after it are trained, every other token (BOS, system, user, role headers) is -100.
-Templates with ``{% generation %}`` blocks (the default one) give the assistant positions directly
-(``return_assistant_tokens_mask``). For other templates the conversation is rendered prefix by prefix: the
-assistant turn ``i`` spans from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
-``render(messages[:i+1])``; the whole conversation is tokenized once and a token is trained when its
-characters overlap a span, so the labelled tokens are exactly the trained ones. A template that renders
-earlier turns differently once later turns are added is reported, not guessed around. When the last
-assistant turn does not end with EOS or another special token, EOS is appended and trained.
-
-Packing. Conversations are packed with :func:`lora_dapt.packing.pack_documents`: ``position_ids`` restart at
-every conversation and the model runs without an attention mask, so packed conversations never attend to
-each other. Trade-off: conversations longer than ``seq_len`` are dropped (counted and reported with their
-line numbers), never cut, because a cut conversation would train answers without their questions.
+The data side (row formats, chat templates, assistant-only labels by position, packing conversations
+without cross-attention) is :func:`lora_dapt.data.chat.prepare_sft_data`; see that module's docstring.
+A DAPT run is read back through :class:`~lora_dapt.rundir.RunDir`: the base its adapter was trained on
+(run info), its merge settings (``config.yaml``) and its verified merge (``merged/``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import AdapterConfig, EvalConfig, MergeConfig, ModelConfig, RunConfig, SFTConfig, TrainConfig
 from ..data.chat import chat_prompt, prepare_sft_data
 from ..errors import ConfigError, ModelLoadError
+from ..model.load import ModelSource
+from ..rundir import RunDir
+
+if TYPE_CHECKING:
+    from .pretrain import TrainResult
 
 log = logging.getLogger("lora_dapt")
 
-
-@dataclass
-class _Source:
-    kind: str  # 'run' | 'model'
-    path: str
-    base: str = ""  # run: the base model the adapter was trained on
-    gguf_file: str | None = None
-    quantization: str | None = None  # run: as trained
-    compute_dtype: str = "auto"
+_TRAIN_FIELDS = {f for f in TrainConfig.__dataclass_fields__ if not f.startswith("_")}
+"""The keys of an SFTConfig that the train section of config.yaml knows."""
 
 
-def is_run_dir(path: str | Path) -> bool:
-    """True for a training run directory (DAPT or SFT): it holds ``adapter/adapter_config.json``."""
-    return (Path(path) / "adapter" / "adapter_config.json").is_file()
-
-
-def _resolve_source(model_or_run: str | Path) -> _Source:
-    p = Path(model_or_run)
-    if (p / "adapter_config.json").is_file() and is_run_dir(p.parent):
+def _open_dapt_run(model_or_run: str | Path) -> RunDir | None:
+    """The run directory ``model_or_run`` names; None when it names a model (directory, .gguf, hub id)."""
+    run_dir = RunDir.run_of_adapter(model_or_run)
+    if run_dir is not None:
         raise ConfigError(
-            f"model_or_run = {str(p)!r} is an adapter directory; pass its run directory {str(p.parent)!r}"
+            f"model_or_run = {str(model_or_run)!r} is an adapter directory; pass its run directory {str(run_dir)!r}"
         )
-    if not is_run_dir(p):
-        return _Source("model", str(model_or_run))
-    info_path = p / "run_info.json"
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8")).get("base_model") or {}
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{p} looks like a run directory but {info_path} is unreadable ({e})") from None
-    name, resolved = info.get("name_or_path"), info.get("resolved")
-    if not name:
-        raise ModelLoadError(f"{info_path} records no base model (base_model.name_or_path)")
-    base, gguf = name, info.get("gguf_file")
-    if resolved and Path(resolved).is_dir() and not Path(name).exists():
-        base, gguf = resolved, None  # the original moved; its resolved copy is still here (as merge_run does)
-    quant = info.get("quantization")
-    return _Source(
-        "run",
-        str(p),
-        base=str(base),
-        gguf_file=gguf,
-        quantization=None if quant in (None, "none") else quant,
-        compute_dtype=info.get("compute_dtype") or "auto",
-    )
+    return RunDir.open(model_or_run) if RunDir.is_run(model_or_run) else None
 
 
-def _load_tokenizer_for(src: _Source, model_cfg: ModelConfig) -> Any:
+def _trained_on(run: RunDir) -> ModelSource:
+    """The base model the run's adapter was trained on, as recorded in its run info."""
+    source = run.read_run_info()
+    if source is None:
+        raise ModelLoadError(
+            f"{run.path} looks like a run directory but {run.run_info_path} is missing or records no base "
+            "model (base_model.name_or_path); it was not written by lora_dapt's training"
+        )
+    return source
+
+
+def _load_tokenizer_for(run: RunDir | None, model_or_run: str | Path, model_cfg: ModelConfig) -> Any:
+    """A run's tokenizer is the one saved beside its adapter (it may carry a chat template), else its base's;
+    a model's is its own."""
     from ..model.load import load_tokenizer, resolve_model_source
 
-    if src.kind == "run":
-        adapter = Path(src.path) / "adapter"
-        if any(
-            (adapter / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-        ):
-            return load_tokenizer(adapter, trust_remote_code=model_cfg.trust_remote_code)
+    trust = model_cfg.trust_remote_code
+    if run is None:
         return load_tokenizer(
-            resolve_model_source(src.base, src.gguf_file), trust_remote_code=model_cfg.trust_remote_code
+            resolve_model_source(model_or_run, model_cfg.gguf_file), trust_remote_code=trust
         )
-    source = resolve_model_source(src.path, model_cfg.gguf_file)
-    return load_tokenizer(source, trust_remote_code=model_cfg.trust_remote_code)
+    if run.has_adapter_tokenizer():
+        return load_tokenizer(run.adapter_dir, trust_remote_code=trust)
+    return load_tokenizer(resolve_model_source(*_trained_on(run).loadable()), trust_remote_code=trust)
 
 
-def _merged_dir(run_dir: Path, merge_cfg: MergeConfig | None) -> Path:
-    """RUN/merged, merged now (with ``merge_cfg``'s dtype, base_source, tolerance) unless a verified merge newer
-    than the adapter is already there."""
-    out = run_dir / "merged"
-    report = out / "merge_report.json"
-    weights = run_dir / "adapter" / "adapter_model.safetensors"
-    if report.is_file() and (out / "config.json").is_file():
-        try:
-            passed = json.loads(report.read_text(encoding="utf-8")).get("passed") is True
-        except (OSError, ValueError):
-            passed = False
-        if passed and (not weights.is_file() or weights.stat().st_mtime <= report.stat().st_mtime):
-            log.info("stack='merge': reusing the verified merge in %s", out)
-            return out
+def _merged_dir(run: RunDir, merge_cfg: MergeConfig | None) -> Path:
+    """RUN/merged, merged now (with ``merge_cfg``'s dtype, base_source, tolerance) unless a verified merge
+    newer than the adapter is already there."""
+    if run.has_current_merge():
+        log.info("stack='merge': reusing the verified merge in %s", run.merged_dir)
+        return run.merged_dir
     from ..export.merge import merge_run
 
-    log.info("stack='merge': merging %s into its 16-bit base -> %s", run_dir / "adapter", out)
+    log.info("stack='merge': merging %s into its 16-bit base -> %s", run.adapter_dir, run.merged_dir)
     kw: dict[str, Any] = {}
     if merge_cfg is not None:
         kw = {
@@ -143,55 +91,43 @@ def _merged_dir(run_dir: Path, merge_cfg: MergeConfig | None) -> Path:
             "base_source": merge_cfg.base_source,
             "tolerance": merge_cfg.tolerance,
         }
-    return Path(merge_run(run_dir, output_dir=out, overwrite=True, **kw))
-
-
-def _run_merge_config(run_dir: Path) -> MergeConfig:
-    """The merge section of a run's config.yaml (defaults when absent), without its output_dir: an SFT run
-    inherits how its DAPT run merges, never where to."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    section = data.get("merge") if isinstance(data, dict) else None
-    return MergeConfig.from_dict(section or {}).replace(output_dir=None)
+    return Path(merge_run(run.path, output_dir=run.merged_dir, overwrite=True, **kw))
 
 
 def _load_model(
-    src: _Source,
+    model_or_run: str | Path,
+    run: RunDir | None,
     stack: str,
     model_cfg: ModelConfig,
     adapter_cfg: AdapterConfig,
     merge_cfg: MergeConfig | None,
     seed: int,
-) -> tuple[Any, str, Any]:
+) -> tuple[Any, str, ModelSource]:
     """(LoRA model ready to train, the base it sits on, that base's ModelSource)."""
     from transformers import set_seed
 
-    from ..model.load import load_base_model
+    from ..model.load import load_base_model_from
     from ..model.lora import apply_lora, load_adapter, prepare_for_training
 
-    load_kw = {
-        "double_quant": model_cfg.double_quant,
-        "device": model_cfg.device,
-        "trust_remote_code": model_cfg.trust_remote_code,
-        "attn_implementation": model_cfg.attn_implementation,
-    }
-    quant = None if model_cfg.quantization == "none" else model_cfg.quantization
-    if src.kind == "run" and stack == "continue":
+    if run is not None and stack == "continue":
         # the adapter continues on exactly the base it was trained on: same quantization and compute dtype
-        loaded = load_base_model(
-            src.base, src.quantization, src.compute_dtype, gguf_file=src.gguf_file, **load_kw
+        trained_on = _trained_on(run)
+        base, gguf = trained_on.loadable()
+        loaded = load_base_model_from(
+            model_cfg,
+            name_or_path=base,
+            gguf_file=gguf,
+            quantization=trained_on.quantization if trained_on.quantized else None,
+            compute_dtype=trained_on.compute_dtype,
         )
-        model, source = loaded.model, loaded.source
-        model = prepare_for_training(model, gradient_checkpointing=adapter_cfg.gradient_checkpointing)
-        model = load_adapter(model, Path(src.path) / "adapter", is_trainable=True)
-        return model, src.base, source
-    if src.kind == "run":  # stack == "merge"
-        base, gguf = str(_merged_dir(Path(src.path), merge_cfg)), None
+        model = prepare_for_training(loaded.model, gradient_checkpointing=adapter_cfg.gradient_checkpointing)
+        return load_adapter(model, run.adapter_dir, is_trainable=True), base, loaded.source
+    if run is not None:  # stack == "merge"
+        base = str(_merged_dir(run, merge_cfg))
+        loaded = load_base_model_from(model_cfg, name_or_path=base, gguf_file=None)
     else:
-        base, gguf = src.path, model_cfg.gguf_file
-    loaded = load_base_model(base, quant, model_cfg.compute_dtype, gguf_file=gguf, **load_kw)
+        base = str(model_or_run)
+        loaded = load_base_model_from(model_cfg, name_or_path=base)
     set_seed(seed)  # the LoRA init draws from the global generators
     return apply_lora(loaded.model, adapter_cfg), base, loaded.source
 
@@ -206,7 +142,7 @@ def sft(
     eval_config: EvalConfig | None = None,
     merge_config: MergeConfig | None = None,
     callbacks: list[Any] | None = None,
-) -> Any:
+) -> TrainResult:
     """Instruction-tune a DAPT result (or any causal LM) with LoRA; returns a :class:`~lora_dapt.train.TrainResult`.
 
     Args:
@@ -241,20 +177,24 @@ def sft(
         raise ConfigError("sft.data: empty; give the instruction files (.jsonl/.json) to train on")
 
     # -- setup: source, tokenizer and data first (bad data fails before the slow model load) --------------
-    src = _resolve_source(model_or_run)
-    if merge_config is None and src.kind == "run":
-        merge_config = _run_merge_config(Path(src.path))
-    tokenizer = _load_tokenizer_for(src, model_cfg)
+    run = _open_dapt_run(model_or_run)
+    if merge_config is None and run is not None:
+        # an SFT run inherits how its DAPT run merges, never where to
+        merge_config = run.read_section("merge", MergeConfig).replace(output_dir=None)
+    tokenizer = _load_tokenizer_for(run, model_or_run, model_cfg)
     prepared = prepare_sft_data(data, tokenizer, cfg)
     log.info("SFT data ready: %s", prepared.stats.summary())
-    model, base, source = _load_model(src, cfg.stack, model_cfg, adapter_cfg, merge_config, cfg.seed)
+    model, base, source = _load_model(
+        model_or_run, run, cfg.stack, model_cfg, adapter_cfg, merge_config, cfg.seed
+    )
     model.config.use_cache = False  # packed blocks are kept apart only without a KV cache
     prepared.stats.source = {
         "model_or_run": str(model_or_run),
-        "kind": src.kind,
-        "stack": cfg.stack if src.kind == "run" else None,
+        "kind": "model" if run is None else "run",
+        "stack": cfg.stack if run is not None else None,
         "base": base,
     }
+    continued = run is not None and cfg.stack == "continue"
 
     # -- the resolved config, saved as RUN/config.yaml ------------------------------------------------------
     if isinstance(data, (str, Path)):
@@ -265,7 +205,7 @@ def sft(
         model=model_cfg.replace(
             name_or_path=base,
             quantization=source.quantization,
-            gguf_file=src.gguf_file if src.kind == "run" and cfg.stack == "continue" else model_cfg.gguf_file,
+            gguf_file=source.gguf_file if continued else model_cfg.gguf_file,
         ),
         adapter=adapter_cfg,
         train=TrainConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k in _TRAIN_FIELDS}),
@@ -291,10 +231,7 @@ def sft(
     )
 
 
-_TRAIN_FIELDS = {f for f in TrainConfig.__dataclass_fields__ if not f.startswith("_")}
-
-
-def sft_from_config(config: RunConfig) -> Any:
+def sft_from_config(config: RunConfig) -> TrainResult:
     """Run SFT as described by a RunConfig's ``sft`` section; what ``lora-dapt sft CONFIG.yaml`` calls.
 
     ``sft.model_or_run`` says what to tune; when null, it is the DAPT run of the same file (``train.output_dir``),
@@ -318,7 +255,7 @@ def sft_from_config(config: RunConfig) -> Any:
         problems.append("sft.data: empty; list the instruction files (.jsonl/.json) to train on")
     source = s.model_or_run
     if source is None:
-        if is_run_dir(config.train.output_dir):
+        if RunDir.is_run(config.train.output_dir):
             source = config.train.output_dir
             log.info("sft.model_or_run not set: tuning the DAPT run of this config, %s", source)
         else:

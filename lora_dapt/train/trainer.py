@@ -1,23 +1,71 @@
-"""train.trainer (split from train)."""
+"""What lora_dapt adds to transformers' Trainer, by subclassing and callbacks (never by patching it).
+
+* :class:`DAPTTrainer`: the chunked causal-LM loss over trained positions (``model.loss``), optimizer
+  parameter groups (a separate learning rate for fully trained embeddings / head), our schedules, and a
+  :class:`~lora_dapt.rundir.TrainRow` in ``metrics.jsonl`` for every logged step;
+* :class:`LoraDaptCallback`: completion markers on checkpoints, disk-space checks before saving, non-finite
+  loss / gradient checks before each optimizer step, periodic evaluation, stopping on a signal;
+* :class:`ProgressBarCallback`: one tqdm bar with loss and tokens/s;
+* :class:`_SignalGuard`: the first Ctrl-C / SIGTERM asks for a checkpoint and a clean stop.
+
+They share one :class:`RunState` (typed, one per run): what the signal handler, the callbacks and the
+trainer tell each other, and what the run reports at the end (why it stopped, updates skipped, last loss).
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import TrainConfig
 from ..errors import TrainingError
 from ..model.loss import causal_lm_loss_sum
-from ..rundir import RunDir, check_disk_space, find_resume_checkpoint
+from ..rundir import RunDir, TrainRow
 from .schedule import lr_factor
 
 log = logging.getLogger("lora_dapt")
+
+Evaluator = Callable[[int, int], "str | None"]
+"""``evaluate(step, tokens_trained)`` during training; returns why the run must stop, or None."""
+
+_OPTIMIZERS = {
+    "adamw": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "sgd": "sgd",
+}
+"""train.optimizer -> the Trainer's ``optim`` name."""
+
+
+@dataclass
+class RunState:
+    """The state one training run shares between the trainer, its callbacks and the signal handler."""
+
+    checkpoint_bytes: int
+    """Disk space one checkpoint needs (checked before every save)."""
+    stopped: str | None = None
+    """Why the run stopped early ('interrupted by SIGINT', 'forgetting budget exceeded ...'); None: it did not."""
+    signal: str | None = None
+    """The name of the signal received (the run checkpoints and stops after the current step)."""
+    skipped_steps: int = 0
+    """Updates skipped for a non-finite loss or gradient (train.on_nonfinite='skip')."""
+    nonfinite_step: int | None = None
+    """The step whose loss was not finite; set by the trainer, handled before that step's update."""
+    last_loss: float | None = None
+    """The last logged training loss."""
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped is not None and self.stopped.startswith("interrupted")
 
 
 def collate_blocks(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -29,197 +77,256 @@ def collate_blocks(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _make_trainer_class() -> type:
-    from transformers import Trainer
+class DAPTTrainer(Trainer):
+    """Trainer with lora_dapt's loss, optimizer groups, schedule and metrics log.
 
-    class DAPTTrainer(Trainer):
-        """Trainer with lora_dapt's loss, optimizer groups, schedule, metrics and non-finite checks."""
+    Args (beyond the Trainer's): ``train_config`` (our TrainConfig), ``run`` (where rows are logged),
+    ``run_state`` (shared with the callbacks), ``tokens_start`` (tokens trained before this session, for
+    tokens/s when resuming).
+    """
 
-        def __init__(self, *args: Any, lora_cfg: TrainConfig, run_dir: Path, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.lora_cfg = lora_cfg
-            self.run_dir = run_dir
-            # compute_loss below divides by the token count of the whole accumulated batch itself
-            self.model_accepts_loss_kwargs = True
-            self.nonfinite_step: int | None = None
-            self.session_start = time.time()
-            self.session_tokens_start = 0
-            self.last_loss: float | None = None
+    def __init__(
+        self,
+        *args: Any,
+        train_config: TrainConfig,
+        run: RunDir,
+        run_state: RunState,
+        tokens_start: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_config = train_config
+        self.run = run
+        self.run_state = run_state
+        self.tokens_start = tokens_start
+        self.session_start = time.time()
+        # compute_loss below divides by the token count of the whole accumulated batch itself
+        self.model_accepts_loss_kwargs = True
 
-        # -- loss --------------------------------------------------------------------------------------
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
-            labels = inputs["labels"]
-            loss_sum, n = causal_lm_loss_sum(model, inputs["input_ids"], labels, inputs.get("position_ids"))
-            if model.training:
-                self.state.num_input_tokens_seen += n
-            denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
-            if isinstance(denom, torch.Tensor):
-                denom = denom.to(loss_sum.device)
-            loss = loss_sum / denom
-            return (loss, None) if return_outputs else loss
+    # -- loss ------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        loss_sum, n = causal_lm_loss_sum(
+            model, inputs["input_ids"], inputs["labels"], inputs.get("position_ids")
+        )
+        if model.training:
+            self.state.num_input_tokens_seen += n
+        denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
+        if isinstance(denom, torch.Tensor):
+            denom = denom.to(loss_sum.device)
+        loss = loss_sum / denom
+        return (loss, None) if return_outputs else loss
 
-        def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if not torch.isfinite(loss).all():
-                self.nonfinite_step = self.state.global_step + 1
-            return loss
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self.run_state.nonfinite_step = self.state.global_step + 1
+        return loss
 
-        # -- optimizer and schedule --------------------------------------------------------------------
-        def create_optimizer(self, model=None):  # noqa: D102
-            if self.optimizer is not None:
-                return self.optimizer
-            model = model or self.model
-            cfg = self.lora_cfg
-            emb_lr = cfg.embedding_learning_rate or cfg.learning_rate / 10
-            lora, emb = [], []
-            for name, p in model.named_parameters():
-                if not p.requires_grad:
-                    continue
-                (emb if "modules_to_save" in name else lora).append(p)
-            groups = [
-                {"params": lora, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "name": "lora"}
-            ]
-            if emb:
-                groups.append({"params": emb, "lr": emb_lr, "weight_decay": 0.0, "name": "embeddings"})
-            opt_cls, opt_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            opt_kwargs.pop("lr", None)
-            self.optimizer = opt_cls(groups, lr=cfg.learning_rate, **opt_kwargs)
+    # -- optimizer and schedule ------------------------------------------------------------------------
+    def create_optimizer(self, model=None):  # noqa: D102
+        if self.optimizer is not None:
             return self.optimizer
+        model = model or self.model
+        cfg = self.train_config
+        emb_lr = cfg.embedding_learning_rate or cfg.learning_rate / 10
+        lora, emb = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (emb if "modules_to_save" in name else lora).append(p)
+        groups = [{"params": lora, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "name": "lora"}]
+        if emb:
+            groups.append({"params": emb, "lr": emb_lr, "weight_decay": 0.0, "name": "embeddings"})
+        opt_cls, opt_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        opt_kwargs.pop("lr", None)
+        self.optimizer = opt_cls(groups, lr=cfg.learning_rate, **opt_kwargs)
+        return self.optimizer
 
-        def create_scheduler(self, num_training_steps, optimizer=None):  # noqa: D102
-            if self.lr_scheduler is None:
-                cfg = self.lora_cfg
-                warmup = cfg.warmup_steps or round(cfg.warmup_ratio * num_training_steps)
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer or self.optimizer,
-                    lambda s: lr_factor(
-                        s,
-                        num_training_steps,
-                        scheduler=cfg.scheduler,
-                        warmup_steps=warmup,
-                        min_lr_ratio=cfg.min_lr_ratio,
-                        decay_ratio=cfg.decay_ratio,
-                    ),
-                )
-            return self.lr_scheduler
+    def create_scheduler(self, num_training_steps, optimizer=None):  # noqa: D102
+        if self.lr_scheduler is None:
+            cfg = self.train_config
+            warmup = cfg.warmup_steps or round(cfg.warmup_ratio * num_training_steps)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer,
+                lambda s: lr_factor(
+                    s,
+                    num_training_steps,
+                    scheduler=cfg.scheduler,
+                    warmup_steps=warmup,
+                    min_lr_ratio=cfg.min_lr_ratio,
+                    decay_ratio=cfg.decay_ratio,
+                ),
+            )
+        return self.lr_scheduler
 
-        # -- metrics -----------------------------------------------------------------------------------
-        def log(self, logs, start_time=None):  # noqa: D102
-            if "loss" in logs and "train_runtime" not in logs:
-                elapsed = time.time() - self.session_start
-                tokens = self.state.num_input_tokens_seen
-                row = {
-                    "type": "train",
-                    "step": self.state.global_step,
-                    "loss": float(logs["loss"]),
-                    "lr": float(logs.get("learning_rate", self.lr_scheduler.get_last_lr()[0])),
-                    "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
-                    "tokens": int(tokens),
-                    "tokens_per_s": (tokens - self.session_tokens_start) / max(elapsed, 1e-9),
-                    "elapsed_s": elapsed,
-                }
-                self.last_loss = row["loss"]
-                RunDir(self.run_dir).append_metric(row)
-                logs = {**logs, "tokens": row["tokens"], "tok/s": round(row["tokens_per_s"], 1)}
-            super().log(logs, start_time)
-
-    return DAPTTrainer
+    # -- metrics ---------------------------------------------------------------------------------------
+    def log(self, logs, start_time=None):  # noqa: D102
+        if "loss" in logs and "train_runtime" not in logs:
+            elapsed = time.time() - self.session_start
+            tokens = int(self.state.num_input_tokens_seen)
+            row = TrainRow(
+                step=self.state.global_step,
+                loss=float(logs["loss"]),
+                lr=float(logs.get("learning_rate", self.lr_scheduler.get_last_lr()[0])),
+                grad_norm=float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+                tokens=tokens,
+                tokens_per_s=(tokens - self.tokens_start) / max(elapsed, 1e-9),
+                elapsed_s=elapsed,
+            )
+            self.run_state.last_loss = row.loss
+            self.run.append_metric(row)
+            logs = {**logs, "tokens": row.tokens, "tok/s": round(row.tokens_per_s, 1)}
+        super().log(logs, start_time)
 
 
-def _callbacks(
-    run_dir: Path, cfg: TrainConfig, state: dict[str, Any], evaluator: Callable[[int], bool] | None
-) -> list:
-    from transformers import TrainerCallback
+class LoraDaptCallback(TrainerCallback):
+    """Non-finite checks, periodic evaluation, signals, disk-space checks and completion markers."""
 
-    class LoraDaptCallback(TrainerCallback):
-        """Completion markers, signals, non-finite checks, periodic evaluation."""
+    def __init__(self, run: RunDir, cfg: TrainConfig, state: RunState, evaluate: Evaluator | None) -> None:
+        self.run = run
+        self.cfg = cfg
+        self.state = state
+        self.evaluate = evaluate
 
-        def __init__(self) -> None:
-            self.trainer: Any = None
+    def on_pre_optimizer_step(self, args, st, control, model=None, **kw):
+        cfg = self.cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        bad_grad = False
+        if cfg.precision != "fp16":  # fp16's loss scaler skips inf steps by itself
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                norms = torch.stack([g.detach().float().norm() for g in grads])
+                bad_grad = not bool(torch.isfinite(norms).all())
+        if self.state.nonfinite_step is None and not bad_grad:
+            return
+        step = st.global_step + 1
+        what = "loss" if self.state.nonfinite_step is not None else "gradient"
+        self.state.nonfinite_step = None
+        if cfg.on_nonfinite == "skip":
+            log.warning("step %d: non-finite %s, update skipped (train.on_nonfinite='skip')", step, what)
+            for p in model.parameters():
+                p.grad = None
+            self.state.skipped_steps += 1
+            return
+        good = self.run.find_resume_checkpoint("latest")
+        raise TrainingError(
+            f"non-finite {what} at step {step}; training stopped. Last good checkpoint: "
+            f"{good or 'none (set train.save_every to keep some)'}. Likely causes: learning rate too high "
+            f"(train.learning_rate = {cfg.learning_rate:g}), fp16 overflow (use bf16 or fp32), or corrupt "
+            "data. Lower the learning rate and resume, or set train.on_nonfinite='skip'."
+        )
 
-        def on_pre_optimizer_step(self, args, st, control, **kw):
-            trainer = self.trainer
-            bad_grad = False
-            if cfg.precision != "fp16":  # fp16's loss scaler skips inf steps by itself
-                grads = [p.grad for p in trainer.model.parameters() if p.requires_grad and p.grad is not None]
-                if grads:
-                    norms = torch.stack([g.detach().float().norm() for g in grads])
-                    bad_grad = not bool(torch.isfinite(norms).all())
-            if trainer.nonfinite_step is not None or bad_grad:
-                step = st.global_step + 1
-                what = "loss" if trainer.nonfinite_step is not None else "gradient"
-                trainer.nonfinite_step = None
-                if cfg.on_nonfinite == "skip":
-                    log.warning(
-                        "step %d: non-finite %s, update skipped (train.on_nonfinite='skip')", step, what
-                    )
-                    for p in trainer.model.parameters():
-                        p.grad = None
-                    state["skipped_steps"] = state.get("skipped_steps", 0) + 1
-                    return
-                good = find_resume_checkpoint(run_dir, "latest")
-                raise TrainingError(
-                    f"non-finite {what} at step {step}; training stopped. Last good checkpoint: "
-                    f"{good or 'none (set train.save_every to keep some)'}. Likely causes: learning rate too high "
-                    f"(train.learning_rate = {cfg.learning_rate:g}), fp16 overflow (use bf16 or fp32), or corrupt "
-                    "data. Lower the learning rate and resume, or set train.on_nonfinite='skip'."
-                )
-
-        def on_step_end(self, args, st, control, **kw):
-            if evaluator is not None and cfg.eval_every and st.global_step % cfg.eval_every == 0:
-                if evaluator(st.global_step):
-                    control.should_training_stop = True
-                    control.should_save = True
-            if state.get("signal"):
-                state["stopped"] = f"interrupted by {state['signal']}"
+    def on_step_end(self, args, st, control, **kw):
+        every = self.cfg.eval_every
+        if self.evaluate is not None and every and st.global_step % every == 0:
+            reason = self.evaluate(st.global_step, int(st.num_input_tokens_seen))
+            if reason is not None:
+                self.state.stopped = reason
+                log.warning(reason)
                 control.should_training_stop = True
                 control.should_save = True
-            if control.should_save:
-                check_disk_space(run_dir, state["checkpoint_bytes"], "a checkpoint")
-            return control
+        if self.state.signal:
+            self.state.stopped = f"interrupted by {self.state.signal}"
+            control.should_training_stop = True
+            control.should_save = True
+        if control.should_save:
+            self.run.check_disk_space(self.state.checkpoint_bytes, "a checkpoint")
+        return control
 
-        def on_save(self, args, st, control, **kw):
-            RunDir(run_dir).mark_complete(st.global_step, int(st.num_input_tokens_seen))
-            return control
+    def on_save(self, args, st, control, **kw):
+        self.run.mark_complete(st.global_step, int(st.num_input_tokens_seen))
+        return control
 
-    class ProgressCallback(TrainerCallback):
-        """One tqdm bar with loss and tokens/s (replaces the Trainer's dict-printing bar)."""
 
-        def __init__(self) -> None:
-            self.bar: Any = None
+class ProgressBarCallback(TrainerCallback):
+    """One tqdm bar with loss and tokens/s (replaces the Trainer's dict-printing bar)."""
 
-        def on_train_begin(self, args, st, control, **kw):
-            from tqdm.auto import tqdm
+    def __init__(self) -> None:
+        self.bar: Any = None
 
-            self.bar = tqdm(
-                total=st.max_steps, initial=st.global_step, desc="training", unit="step", dynamic_ncols=True
-            )
+    def on_train_begin(self, args, st, control, **kw):
+        from tqdm.auto import tqdm
 
-        def on_step_end(self, args, st, control, **kw):
-            if self.bar is not None:
-                self.bar.update(st.global_step - self.bar.n)
+        self.bar = tqdm(
+            total=st.max_steps, initial=st.global_step, desc="training", unit="step", dynamic_ncols=True
+        )
 
-        def on_log(self, args, st, control, logs=None, **kw):
-            if self.bar is not None and logs and "loss" in logs:
-                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=logs.get("tok/s"))
+    def on_step_end(self, args, st, control, **kw):
+        if self.bar is not None:
+            self.bar.update(st.global_step - self.bar.n)
 
-        def on_train_end(self, args, st, control, **kw):
-            if self.bar is not None:
-                self.bar.close()
+    def on_log(self, args, st, control, logs=None, **kw):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=logs.get("tok/s"))
 
-    return [LoraDaptCallback(), ProgressCallback()]
+    def on_train_end(self, args, st, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def build_trainer(
+    model: Any,
+    train_ds: Any,
+    cfg: TrainConfig,
+    run: RunDir,
+    state: RunState,
+    *,
+    total_steps: int,
+    compute_dtype: str | None,
+    evaluate: Evaluator | None,
+    callbacks: list[Any] | None = None,
+    tokens_start: int = 0,
+) -> DAPTTrainer:
+    """A :class:`DAPTTrainer` for one run: checkpoints in ``run.checkpoints_dir``, our callbacks first (then
+    ``callbacks``), our progress bar instead of the Trainer's."""
+    use_cpu = next(model.parameters()).device.type != "cuda"
+    args = TrainingArguments(
+        output_dir=str(run.checkpoints_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_steps=total_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm or 0.0,
+        optim=_OPTIMIZERS[cfg.optimizer],
+        logging_steps=cfg.logging_every,
+        save_strategy="steps" if cfg.save_every else "no",
+        save_steps=cfg.save_every or 1,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.num_workers,
+        use_cpu=use_cpu,
+        disable_tqdm=True,
+        save_only_model=False,
+        **_precision_flags(model, cfg, compute_dtype),
+    )
+    trainer = DAPTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=collate_blocks,
+        callbacks=[LoraDaptCallback(run, cfg, state, evaluate), ProgressBarCallback(), *(callbacks or [])],
+        train_config=cfg,
+        run=run,
+        run_state=state,
+        tokens_start=tokens_start,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 class _SignalGuard:
-    """First SIGINT/SIGTERM asks the run to checkpoint and stop; a second one interrupts at once."""
+    """First SIGINT/SIGTERM asks the run to checkpoint and stop (``state.signal``); a second one interrupts
+    at once. Only the main thread can install signal handlers; elsewhere this does nothing."""
 
-    def __init__(self, state: dict[str, Any]) -> None:
+    def __init__(self, state: RunState) -> None:
         self.state = state
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _SignalGuard:
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -229,9 +336,9 @@ class _SignalGuard:
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if self.state.get("signal"):
+        if self.state.signal:
             raise KeyboardInterrupt
-        self.state["signal"] = name
+        self.state.signal = name
         log.warning(
             "%s received: saving a checkpoint after this step, then stopping (again to abort now)", name
         )
@@ -242,27 +349,20 @@ class _SignalGuard:
 
 
 def _precision_flags(model: Any, cfg: TrainConfig, compute_dtype: str | None = None) -> dict[str, bool]:
+    """The Trainer's bf16/fp16 flags for train.precision; 'auto' follows the model's compute dtype on CUDA
+    and is fp32 on the CPU."""
     precision = cfg.precision
     on_cuda = next(model.parameters()).device.type == "cuda"
     if precision == "auto":
         dtype = getattr(model, "dtype", torch.float32)
-        compute = compute_dtype
         if not on_cuda:
             precision = "fp32"
-        elif compute == "bfloat16" or dtype == torch.bfloat16:
+        elif compute_dtype == "bfloat16" or dtype == torch.bfloat16:
             precision = "bf16"
-        elif compute == "float16" or dtype == torch.float16:
+        elif compute_dtype == "float16" or dtype == torch.float16:
             precision = "fp16"
         else:
             precision = "fp32"
     if precision == "fp16" and not on_cuda:
         raise TrainingError("train.precision = 'fp16' needs a CUDA GPU; use 'fp32' or 'auto' on the CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-
-
-_OPTIMIZERS = {
-    "adamw": "adamw_torch",
-    "adamw_8bit": "adamw_bnb_8bit",
-    "paged_adamw_8bit": "paged_adamw_8bit",
-    "sgd": "sgd",
-}
