@@ -108,7 +108,16 @@ def test_segments_match_transformers_packed_sequence_detection(lengths, seq_len)
 
 def test_deterministic_and_rejects_bad_seq_len():
     lengths = [5, 3, 9, 1, 4, 4, 2]
-    assert plan_blocks(lengths, 6) == plan_blocks(lengths, 6)
+    # worked by hand: the full piece of doc 2 alone, then longest first into the tightest block that fits
+    expected = [
+        [(2, 0, 6)],
+        [(0, 0, 5), (3, 0, 1)],
+        [(4, 0, 4), (6, 0, 2)],
+        [(5, 0, 4)],
+        [(1, 0, 3), (2, 6, 9)],
+    ]
+    assert plan_blocks(lengths, 6) == expected
+    assert plan_blocks(list(lengths), 6) == expected  # ties broken by document order, not by chance
     with pytest.raises(ValueError, match="seq_len"):
         plan_blocks([3], 0)
 

@@ -1,42 +1,55 @@
-"""data.chat (split from sft)."""
+"""Chat templates, assistant-only labels, and SFT data: validated conversations -> packed blocks.
+
+:func:`prepare_sft_data` reads and validates the rows (:mod:`.conversations`), renders each conversation
+with the tokenizer's chat template (or :data:`DEFAULT_CHAT_TEMPLATE`), labels only the assistant tokens
+(and the end-of-turn token that closes them), holds out whole conversations for evaluation and packs them
+with :func:`lora_dapt.data.packing.pack_documents`. A conversation longer than ``seq_len`` is dropped (counted,
+with examples), not cut.
+"""
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
-import os
-import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import SFTConfig
-from ..errors import ConfigError, DataError, ModelLoadError
+from ..errors import DataError, ModelLoadError
+from .clean import held_out
+from .conversations import (
+    FORMATS,
+    MAX_REPORTED,
+    ROLES,
+    SHAREGPT_ROLES,
+    Conversation,
+    detect_format,
+    load_conversations,
+    raise_row_problems,
+    row_to_messages,
+)
 from .packing import IGNORE_INDEX, pack_documents
 
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "FORMATS",
+    "MAX_REPORTED",
+    "ROLES",
+    "SHAREGPT_ROLES",
+    "Conversation",
+    "SFTData",
+    "SFTDataStats",
+    "chat_prompt",
+    "detect_format",
+    "ensure_chat_template",
+    "load_conversations",
+    "prepare_sft_data",
+    "row_to_messages",
+    "tokenize_conversation",
+]
+
 log = logging.getLogger("lora_dapt")
-
-FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
-
-
-ROLES = ("system", "user", "assistant")
-
-
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "model": "assistant",
-}
-
-
-MAX_REPORTED = 20
-"""Malformed rows listed in one DataError (the rest are counted)."""
 
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -52,266 +65,6 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 """Chat template given to tokenizers without one: plain-text role headers (no new tokens), EOS closing every
 assistant turn, ``{% generation %}`` around what is trained. Saved with the tokenizer."""
-
-
-@dataclass
-class Conversation:
-    """One validated row as chat messages, and where it came from (for error messages)."""
-
-    messages: list[dict[str, str]]
-    where: str
-    """'path line N' (jsonl), 'path item N' (json array) or 'row N' (in-memory rows)."""
-    format: str
-    trimmed_turns: int = 0
-    """Non-assistant turns after the last assistant turn, dropped (nothing to learn from them)."""
-
-
-def detect_format(row: Any) -> str | None:
-    """The format a row is written in, from its keys; None when it is in none of them.
-
-    >>> detect_format({"instruction": "Add 2 and 3.", "output": "5"})
-    'alpaca'
-    >>> detect_format({"text": "plain"}) is None
-    True
-    """
-    if not isinstance(row, dict):
-        return None
-    if "messages" in row:
-        return "messages"
-    if "conversations" in row:
-        return "sharegpt"
-    if "prompt" in row and "completion" in row:
-        return "prompt_completion"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
-    return None
-
-
-_FORMAT_KEYS = {
-    "messages": "'messages' (a list of {role, content})",
-    "prompt_completion": "'prompt' and 'completion'",
-    "alpaca": "'instruction', 'output' and optionally 'input'",
-    "sharegpt": "'conversations' (a list of {from, value})",
-}
-
-
-def _check_messages(messages: Any) -> tuple[list[dict[str, str]], int, list[str]]:
-    """Validate chat messages: (clean messages, trailing turns dropped, problems)."""
-    if not isinstance(messages, list) or not messages:
-        return [], 0, ["expected a non-empty list of turns"]
-    problems: list[str] = []
-    clean: list[dict[str, str]] = []
-    for k, turn in enumerate(messages, start=1):
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            problems.append(f"turn {k}: expected an object with 'role' and 'content'")
-            continue
-        role, content = turn["role"], turn["content"]
-        if role not in ROLES:
-            problems.append(f"turn {k}: unknown role {role!r}; use one of {', '.join(ROLES)}")
-            continue
-        if not isinstance(content, str):
-            problems.append(f"turn {k}: content must be text, got {type(content).__name__}")
-            continue
-        if role == "system" and k != 1:
-            problems.append(f"turn {k}: a system turn is only allowed first; merge it into the first turn")
-        if role == "assistant" and not content.strip():
-            problems.append(f"turn {k}: empty assistant turn; fill in the answer or remove the row")
-        clean.append({"role": role, "content": content})
-    if problems:
-        return [], 0, problems
-    last = max((i for i, m in enumerate(clean) if m["role"] == "assistant"), default=None)
-    if last is None:
-        return [], 0, ["no assistant turn: nothing to learn from this row"]
-    return clean[: last + 1], len(clean) - last - 1, []
-
-
-def _text_field(row: dict[str, Any], key: str, problems: list[str], *, required: bool = True) -> str:
-    value = row.get(key, "")
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str):
-        problems.append(f"'{key}' must be text, got {type(value).__name__}")
-        return ""
-    return value
-
-
-def row_to_messages(row: dict[str, Any], fmt: str) -> tuple[list[dict[str, str]], int, list[str]]:
-    """Turn one row of format ``fmt`` into checked chat messages: (messages, trailing turns dropped, problems).
-
-    >>> row_to_messages({"prompt": "2+3?", "completion": "5"}, "prompt_completion")[0]
-    [{'role': 'user', 'content': '2+3?'}, {'role': 'assistant', 'content': '5'}]
-    """
-    from trl.data_utils import is_conversational, maybe_convert_to_chatml
-
-    problems: list[str] = []
-    if fmt == "messages":
-        return _check_messages(row["messages"])
-    if fmt == "sharegpt":
-        turns = row["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            return [], 0, ["'conversations' must be a list of {from, value} objects"]
-        converted = maybe_convert_to_chatml({"conversations": [dict(t) for t in turns]})["messages"]
-        for k, turn in enumerate(converted, start=1):
-            role = turn.get("role")
-            if role not in SHAREGPT_ROLES:
-                problems.append(
-                    f"turn {k}: unknown role (from) {role!r}; use one of {', '.join(SHAREGPT_ROLES)}"
-                )
-            else:
-                turn["role"] = SHAREGPT_ROLES[role]
-        if problems:
-            return [], 0, problems
-        return _check_messages(converted)
-    if fmt == "prompt_completion":
-        if is_conversational(row):  # trl's conversational prompt/completion: lists of messages
-            prompt, completion = row["prompt"], row["completion"]
-            if not isinstance(prompt, list) or not isinstance(completion, list):
-                return [], 0, ["conversational 'prompt' and 'completion' must both be lists of messages"]
-            return _check_messages(prompt + completion)
-        prompt = _text_field(row, "prompt", problems)
-        completion = _text_field(row, "completion", problems)
-        if problems:
-            return [], 0, problems
-        return _check_messages(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        )
-    if fmt == "alpaca":
-        instruction = _text_field(row, "instruction", problems)
-        extra = _text_field(row, "input", problems, required=False)
-        output = _text_field(row, "output", problems)
-        system = _text_field(row, "system", problems, required=False)
-        if not problems and not instruction.strip():
-            problems.append("empty 'instruction'")
-        if problems:
-            return [], 0, problems
-        user = instruction + (f"\n\n{extra}" if extra.strip() else "")
-        msgs = ([{"role": "system", "content": system}] if system.strip() else []) + [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": output},
-        ]
-        return _check_messages(msgs)
-    raise ValueError(f"unknown format {fmt!r}")
-
-
-def _expand(paths: Sequence[str | Path]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        text = os.path.expanduser(str(p))
-        if any(c in text for c in "*?["):
-            found = sorted(Path(m) for m in glob.glob(text, recursive=True))
-            if not found:
-                raise DataError(f"sft data: no file matches {text!r}")
-            out.extend(found)
-        elif Path(text).is_dir():
-            found = sorted(q for q in Path(text).rglob("*") if q.suffix in (".jsonl", ".json"))
-            if not found:
-                raise DataError(f"sft data: directory {text} holds no .jsonl or .json files")
-            out.extend(found)
-        elif Path(text).is_file():
-            out.append(Path(text))
-        else:
-            raise DataError(
-                f"sft data: file not found: {text} (give .jsonl/.json files, globs or directories)"
-            )
-    return out
-
-
-def _read_file(path: Path, problems: list[str]) -> list[tuple[str, Any]]:
-    """(where, row) pairs of a .jsonl (one object per line) or .json file (a list of objects)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            problems.append(f"{path} line {e.lineno}: not valid JSON ({e.msg})")
-            return []
-        return [(f"{path} item {i}", row) for i, row in enumerate(items, start=1)]
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path} line {n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            problems.append(f"{path} line {n}: not valid JSON ({e.msg})")
-    return rows
-
-
-def _raise_problems(problems: list[str], total: int) -> None:
-    shown = problems[:MAX_REPORTED]
-    more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-    raise DataError(
-        f"{len(problems)} malformed row(s) in the SFT data ({total} rows read); fix or remove them:\n  - "
-        + "\n  - ".join(shown)
-        + more
-    )
-
-
-def load_conversations(
-    data: str | Path | Sequence[str | Path] | Sequence[dict[str, Any]] | Any, format: str = "auto"
-) -> list[Conversation]:
-    """Read instruction rows (files, globs, directories, a list of dicts or a ``datasets.Dataset``), detect or
-    check their format, validate every row and return them as chat messages.
-
-    Every problem (invalid JSON, a row in none of the formats, a row of another format than the file's, an
-    unknown role, an empty assistant turn, no assistant turn) is collected and raised as one
-    :class:`DataError` listing each row with its line number.
-
-    Example::
-
-        convs = load_conversations("examples/sft_toy.jsonl")
-        convs[0].messages   # [{'role': 'system', ...}, {'role': 'user', ...}, {'role': 'assistant', ...}]
-    """
-    if format != "auto" and format not in FORMATS:
-        raise ConfigError(f"sft.format = {format!r}: use 'auto' or one of {', '.join(FORMATS)}")
-    problems: list[str] = []
-    sources: list[tuple[str, list[tuple[str, Any]]]] = []
-    if isinstance(data, (str, Path)):
-        data = [data]
-    items = list(data)
-    if items and all(isinstance(x, (str, Path)) for x in items):
-        for path in _expand(items):
-            sources.append((str(path), _read_file(path, problems)))
-    else:  # in-memory rows (a list of dicts or a datasets.Dataset)
-        sources.append(("rows", [(f"row {i}", row) for i, row in enumerate(items, start=1)]))
-    out: list[Conversation] = []
-    total = 0
-    for name, rows in sources:
-        total += len(rows)
-        fmt = format
-        if fmt == "auto":
-            fmt = next((f for f in (detect_format(r) for _, r in rows) if f), "")
-            if not fmt:
-                if rows:
-                    keys = sorted(rows[0][1]) if isinstance(rows[0][1], dict) else type(rows[0][1]).__name__
-                    problems.append(
-                        f"{name}: no row is in a known format (first row has {keys}); expected "
-                        + " | ".join(_FORMAT_KEYS.values())
-                    )
-                continue
-        for where, row in rows:
-            found = detect_format(row)
-            if found is None:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                problems.append(
-                    f"{where}: a row in none of the formats (keys {keys}); a {fmt} row has {_FORMAT_KEYS[fmt]}"
-                )
-                continue
-            if found != fmt:
-                problems.append(
-                    f"{where}: a row in {found} format, but {name} is in {fmt} format (its first row); "
-                    "use one format per file"
-                )
-                continue
-            messages, trimmed, row_problems = row_to_messages(row, fmt)
-            problems.extend(f"{where}: {p}" for p in row_problems)
-            if not row_problems:
-                out.append(Conversation(messages, where, fmt, trimmed))
-    if problems:
-        _raise_problems(problems, total)
-    if not out:
-        raise DataError("the SFT data is empty: no rows found. Check sft.data.")
-    return out
 
 
 def ensure_chat_template(tokenizer: Any) -> str:
@@ -465,7 +218,7 @@ class SFTDataStats:
 
 @dataclass
 class SFTData:
-    """Packed SFT blocks, shaped like a :class:`~lora_dapt.corpus.Corpus` so ``continued_pretrain`` takes it."""
+    """Packed SFT blocks, shaped like a :class:`~lora_dapt.data.corpus.Corpus` so ``continued_pretrain`` takes it."""
 
     train: Any
     """datasets.Dataset of blocks: input_ids, position_ids, labels."""
@@ -527,7 +280,7 @@ def prepare_sft_data(
             continue
         kept.append((c, ids, labels))
     if problems:
-        _raise_problems(problems, len(convs))
+        raise_row_problems(problems, len(convs))
     if stats.dropped_too_long:
         log.warning(
             "dropped %d conversation(s) longer than sft.seq_len = %d tokens, e.g. %s; raise seq_len to keep them",
@@ -539,12 +292,8 @@ def prepare_sft_data(
         raise DataError(
             f"every conversation is longer than sft.seq_len = {cfg.seq_len} tokens; raise sft.seq_len"
         )
-    order = list(range(len(kept)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = round(cfg.eval_fraction * len(kept))
-    if cfg.eval_fraction > 0 and len(kept) >= 2:
-        n_eval = min(max(1, n_eval), len(kept) - 1)
-    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+    held = held_out(len(kept), cfg.eval_fraction, cfg.seed)
+    eval_idx, train_idx = sorted(held), [i for i in range(len(kept)) if i not in held]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def build(idx: list[int]) -> list[dict[str, list[int]]]:

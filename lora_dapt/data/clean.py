@@ -1,4 +1,9 @@
-"""data.clean (split from corpus)."""
+"""Cleaning and splitting documents: normalisation, minimum length, exact / near-duplicate removal, and the
+held-out split by document (shared by the corpus and SFT data).
+
+Every drop is counted under its reason in a :class:`_Tally` (with up to 10 example names), so the corpus
+statistics can say what happened to every document.
+"""
 
 from __future__ import annotations
 
@@ -137,6 +142,19 @@ def _near_dedupe(docs: datasets.Dataset, kept: list[int], threshold: float, tall
     return out
 
 
+def held_out(n: int, fraction: float, seed: int) -> set[int]:
+    """Which of ``n`` items (documents, conversations) go to eval: a seeded shuffle's first
+    ``round(fraction * n)``, at least one and never all of them (none when ``n < 2``).
+
+    >>> sorted(held_out(10, 0.2, seed=0))
+    [7, 8]
+    """
+    n_eval = min(max(round(fraction * n), 1), n - 1) if fraction > 0 and n >= 2 else 0
+    ids = list(range(n))
+    random.Random(seed).shuffle(ids)
+    return set(ids[:n_eval])
+
+
 def _split(
     docs: datasets.Dataset, kept: list[int], fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
@@ -145,16 +163,9 @@ def _split(
     order: dict[str, int] = {}
     for i in kept:
         order.setdefault(groups[i].as_py(), len(order))
-    n = len(order)
-    n_eval = round(fraction * n)
-    if fraction > 0 and n >= 2:
-        n_eval = min(max(n_eval, 1), n - 1)
-    elif fraction > 0:
+    if fraction > 0 and len(order) == 1:
         log.warning("only one document: nothing held out for evaluation (add documents or eval_sources)")
-        n_eval = 0
-    ids = list(range(n))
-    random.Random(seed).shuffle(ids)
-    held = set(ids[:n_eval])
+    held = held_out(len(order), fraction, seed)
     train, ev = [], []
     for i in kept:
         (ev if order[groups[i].as_py()] in held else train).append(i)
