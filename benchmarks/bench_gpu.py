@@ -99,8 +99,8 @@ def run_size(name: str, config: dict, device: str, seq_len: int, batch: int, ste
     from lora_dapt.config import AdapterConfig
     from lora_dapt.model.lora import apply_lora
     from lora_dapt.model.loss import causal_lm_loss_sum
-    from lora_dapt.plan.memory import estimate_memory
-    from lora_dapt.plan.shapes import model_shape
+    from lora_dapt.planning.memory import estimate_memory
+    from lora_dapt.planning.shapes import model_shape
 
     shape = model_shape(config)
     model = build_quantized(config, device)
@@ -213,7 +213,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per size (after 2 warm-up steps)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    from lora_dapt.plan.shapes import KNOWN_MODELS
+    from lora_dapt.planning.shapes import known_models
 
     if args.cpu_check:
         device, runs, seq, steps = "cpu", [("tiny-cpu-check", TINY)], min(args.seq_len, 256), 2
@@ -223,7 +223,7 @@ def main() -> None:
         device, seq, steps = "cuda", args.seq_len, args.steps
         sizes = ["llama-1b"] if args.quick else args.sizes.split(",")
         steps = 3 if args.quick else steps
-        runs = [(s, KNOWN_MODELS[SIZES[s]]) for s in sizes]
+        runs = [(s, known_models()[SIZES[s]]) for s in sizes]
     print(
         f"packed attention vs masked SDPA on {device}: max relative difference {check_packed_attention(device):.1e}"
     )

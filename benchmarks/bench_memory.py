@@ -50,7 +50,7 @@ def child_train(model_dir: str, mode: str, seq_len: int) -> dict:
     from lora_dapt.model.load import load_base_model
     from lora_dapt.model.lora import apply_lora
     from lora_dapt.model.loss import causal_lm_loss_sum
-    from lora_dapt.plan.memory import estimate_memory, tensor_bytes
+    from lora_dapt.planning.memory import estimate_memory, tensor_bytes
 
     cuda = torch.cuda.is_available()
     base_rss = _rss_now()

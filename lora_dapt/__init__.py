@@ -25,39 +25,41 @@ from .config import (
     SFTConfig,
     TrainConfig,
 )
-from .errors import ConfigError, DataError, LoraDaptError, MergeError, ModelLoadError, TrainingError
+from .errors import (
+    ConfigError,
+    DataError,
+    LoraDaptError,
+    MergeError,
+    ModelLoadError,
+    RunDirError,
+    TrainingError,
+)
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# The public API of ARCHITECTURE.md: public name -> submodule that defines it. Everything else is imported
+# from its submodule (e.g. ``from lora_dapt.evaluate.score import evaluate_texts``).
 _LAZY = {
+    # stages
     "load_base_model": "model.load",
     "apply_lora": "model.lora",
-    "load_adapter": "model.lora",
     "prepare_corpus": "data.corpus",
-    "Corpus": "data.corpus",
-    "CorpusStats": "data.corpus",
-    "format_stats": "data.corpus",
-    "pack_documents": "data.packing",
     "continued_pretrain": "train.pretrain",
-    "TrainResult": "train.pretrain",
     "perplexity": "evaluate.score",
-    "bits_per_byte": "evaluate.score",
-    "evaluate_texts": "evaluate.score",
-    "evaluate_blocks": "evaluate.score",
-    "EvalResult": "evaluate.score",
-    "forgetting_report": "evaluate.forgetting",
-    "format_forgetting": "evaluate.forgetting",
-    "general_texts": "evaluate.forgetting",
-    "generate_samples": "evaluate.generate",
-    "write_report": "evaluate.report",
     "merge_adapter": "export.merge",
-    "merge_run": "export.merge",
     "sft": "train.sft",
-    "sft_from_config": "train.sft",
-    "prepare_sft_data": "data.chat",
-    "generate_chat": "evaluate.generate",
+    "estimate_memory": "planning.memory",
+    "plan": "planning.memory",
     "run": "pipeline",
+    # results
+    "LoadedModel": "model.load",
+    "ModelSource": "model.load",
+    "Corpus": "data.stats",
+    "CorpusStats": "data.stats",
+    "TrainResult": "train.pretrain",
+    "EvalResult": "evaluate.score",
+    # the run directory
+    "RunDir": "rundir",
 }
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "ModelConfig",
     "ModelLoadError",
     "RunConfig",
+    "RunDirError",
     "SFTConfig",
     "TrainConfig",
     "TrainingError",

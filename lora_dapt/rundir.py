@@ -46,7 +46,6 @@ MERGE_REPORT = "merge_report.json"
 """The verification report export.merge writes into every merged model directory."""
 EVAL_TEXTS_KEPT = 256
 """Held-out documents kept in ``eval_texts.json``."""
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,7 +273,9 @@ class RunDir:
 
     def has_adapter_tokenizer(self) -> bool:
         """True when ``adapter/`` holds the tokenizer training saved (every run since the first version does)."""
-        return any((self.adapter_dir / f).is_file() for f in _TOKENIZER_FILES)
+        from .model.tokenizer import has_tokenizer_files
+
+        return has_tokenizer_files(self.adapter_dir)
 
     # -- config --------------------------------------------------------------------------------------------
     def write_config(self, config: RunConfig | dict[str, Any]) -> None:

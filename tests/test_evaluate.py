@@ -23,7 +23,7 @@ from lora_dapt.evaluate.score import (
 from lora_dapt.model.load import load_base_model
 from lora_dapt.model.lora import apply_lora
 from lora_dapt.model.loss import causal_lm_loss_sum
-from lora_dapt.plan.memory import peak_memory_bytes
+from lora_dapt.planning.memory import peak_memory_bytes
 
 from .conftest import make_text
 

@@ -9,9 +9,9 @@ import pytest
 
 from lora_dapt.config import AdapterConfig
 from lora_dapt.errors import ConfigError, ModelLoadError
-from lora_dapt.plan.cli import format_plan, plan_command
-from lora_dapt.plan.memory import GiB, estimate_memory, parse_memory, plan, tensor_bytes
-from lora_dapt.plan.shapes import KNOWN_MODELS, known_models, model_aliases, model_shape
+from lora_dapt.planning.cli import format_plan, plan_command
+from lora_dapt.planning.memory import GiB, estimate_memory, parse_memory, plan, tensor_bytes
+from lora_dapt.planning.shapes import known_models, model_aliases, model_shape
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8", None])
@@ -55,7 +55,6 @@ def test_nf4_weights_are_much_smaller_than_16_bit():
 def test_every_known_name_and_alias_resolves():
     names, aliases = known_models(), model_aliases()
     assert len(names) == 7 and len(aliases) == 10
-    assert KNOWN_MODELS == names  # the old name still reads the package data
     for alias, name in aliases.items():
         assert name in names, alias
         assert model_shape(alias.upper()).name == name  # any case
@@ -119,7 +118,7 @@ def test_gguf_directory_config_matches_known_smollm2():
     from_gguf = model_shape(d)
     known = model_shape("smollm2-135m")
     assert from_gguf.total_params == known.total_params == 134_515_008
-    assert from_gguf.tie_embeddings and from_gguf.vocab_size == KNOWN_MODELS["smollm2-135m"]["vocab_size"]
+    assert from_gguf.tie_embeddings and from_gguf.vocab_size == known_models()["smollm2-135m"]["vocab_size"]
 
 
 def _write_tiny_gguf(path):

@@ -22,7 +22,7 @@ from lora_dapt.export import job as job_mod
 from lora_dapt.export.merge import merge_adapter, merge_run
 from lora_dapt.model.load import ModelSource, load_base_model
 from lora_dapt.model.lora import apply_lora
-from lora_dapt.rundir import MERGE_REPORT as REPORT_NAME
+from lora_dapt.rundir import MERGE_REPORT
 
 from .conftest import build_tokenizer, make_text
 
@@ -109,7 +109,7 @@ def test_merged_model_reloads_without_peft_and_matches_adapter(
     out = _merge(tiny_model_dir, adapter_plain, tmp_path / "merged")
     assert out == tmp_path / "merged"
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", REPORT_NAME} <= names
+    assert {"config.json", "generation_config.json", "tokenizer.json", MERGE_REPORT} <= names
     assert any(n.endswith(".safetensors") for n in names)
     assert "adapter_config.json" not in names and not (tmp_path / "merged.partial").exists()
 
@@ -122,7 +122,7 @@ def test_merged_model_reloads_without_peft_and_matches_adapter(
     ).abs().max() > 0.1  # the adapter changes the model, so the comparison means something
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads((out / MERGE_REPORT).read_text())
     assert report["passed"] is True
     assert report["max_abs_logit_diff"] < 1e-4
     assert report["adapter_effect"] > 0.1
@@ -177,7 +177,7 @@ def test_trained_tied_embeddings_stay_tied(tiny_tied_model_dir, adapter_tied_emb
     want, _ = _adapter_logits(tiny_tied_model_dir, adapter_tied_emb, ids)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads((out / MERGE_REPORT).read_text())
     assert report["tied_embeddings"] is True and report["trained_embeddings"] is True
 
 
@@ -203,7 +203,7 @@ def test_dequantized_base_reproduces_the_trained_4bit_model(tiny_model_dir, adap
     out = _merge(
         tiny_model_dir, adapter_plain, tmp_path / "merged", base_source="dequantized", trained_on=trained
     )
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads((out / MERGE_REPORT).read_text())
     assert report["passed"] is True and report["base_source"] == "dequantized"
     assert report["trained_quantization"] == "nf4"
     losses = report["losses"]
@@ -231,7 +231,7 @@ def test_bfloat16_merge_saves_bfloat16(tiny_model_dir, adapter_plain, tmp_path):
     )
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads((out / MERGE_REPORT).read_text())
     assert report["passed"] and 0 < report["max_abs_logit_diff"] < 0.1 * report["logit_scale"]
 
 
@@ -240,7 +240,7 @@ def test_failed_verification_is_loud_and_not_shipped(tiny_model_dir, adapter_pla
     with pytest.raises(MergeError, match="does not reproduce the adapter"):
         _merge(tiny_model_dir, adapter_plain, out, tolerance=1e-12, trained_on=TRAINED_16BIT)
     assert not out.exists()
-    report = json.loads((tmp_path / "merged.partial" / REPORT_NAME).read_text())
+    report = json.loads((tmp_path / "merged.partial" / MERGE_REPORT).read_text())
     assert report["passed"] is False and report["problems"]
     assert report["max_abs_logit_diff"] > report["tolerance"] * report["logit_scale"]
     assert report["output_dir"] == str(tmp_path / "merged.partial")
@@ -275,7 +275,7 @@ def test_settings_are_checked_by_merge_config(tiny_model_dir, adapter_plain, tmp
 def test_config_and_overrides_combine(tiny_model_dir, adapter_plain, tmp_path):
     cfg = MergeConfig(dtype="bfloat16", tolerance=0.5)
     out = _merge(tiny_model_dir, adapter_plain, tmp_path / "merged", config=cfg, trained_on=TRAINED_16BIT)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads((out / MERGE_REPORT).read_text())
     assert report["dtype"] == "float32" and report["tolerance"] == 0.5  # the override wins, the rest stays
     assert report["passed"] is True
 
@@ -405,7 +405,7 @@ def test_merge_run_reads_the_run_directory(tiny_model_dir, adapter_plain, tmp_pa
     run = _run_dir(tmp_path, tiny_model_dir, adapter_plain)
     out = merge_run(run)
     assert out == run / "merged"
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads((out / MERGE_REPORT).read_text())
     assert report["dtype"] == "float32" and report["trained_quantization"] == "nf4"
     assert "eval split" in report["eval_source"] and report["eval_texts"] == 4
     assert report["passed"] is True
@@ -426,7 +426,7 @@ def test_merge_run_passes_the_gguf_file_on(tiny_model_dir, adapter_plain, tmp_pa
     run = _run_dir(tmp_path, gguf_dir, adapter_plain, gguf_file="tiny-q8_0.gguf")
     out = merge_run(run, output_dir=tmp_path / "out", dtype="float32")
     assert seen == [(str(gguf_dir), "tiny-q8_0.gguf")]
-    assert json.loads((out / REPORT_NAME).read_text())["resolved_base"] == str(tiny_model_dir)
+    assert json.loads((out / MERGE_REPORT).read_text())["resolved_base"] == str(tiny_model_dir)
 
 
 def test_sft_adapter_with_added_tokens(tiny_model_dir, tmp_path):
@@ -448,4 +448,4 @@ def test_sft_adapter_with_added_tokens(tiny_model_dir, tmp_path):
     torch.testing.assert_close(
         merged.get_output_embeddings().weight, trained["base_model.model.lm_head.weight"]
     )
-    assert json.loads((out / REPORT_NAME).read_text())["passed"] is True
+    assert json.loads((out / MERGE_REPORT).read_text())["passed"] is True

@@ -84,7 +84,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ..plan.cli import plan_command
+    from ..planning.cli import plan_command
 
     return plan_command(args)
 
@@ -126,7 +126,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     texts: list[str] = read_text_sources(args.texts) if args.texts else []
     quantization = {"quantization": args.quantization} if args.quantization else {}
     run = RunDir(target)
-    if run.run_info_path.is_file():  # a run directory: its base as trained + its adapter, its held-out texts
+    if (
+        run.read_run_info() is not None
+    ):  # a run directory: its base as trained + its adapter, its held-out texts
         model, tok = load_base_model_from(trained_base(run), **quantization)
         model = load_adapter(model, run.adapter_dir)
         texts = texts or run.read_eval_texts() or []
@@ -223,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
         if name == "plan":
-            from ..plan.cli import add_plan_arguments
+            from ..planning.cli import add_plan_arguments
 
             add_plan_arguments(p)
         if name == "quickstart":

@@ -24,6 +24,7 @@ from ..model.load import (
     resolve_device,
     resolve_model_source,
 )
+from ..model.tokenizer import has_tokenizer_files
 from .checks import (
     AdapterFiles,
     check_base_name,
@@ -153,9 +154,7 @@ def prepare_job(
 
 def tokenizer_for(adapter_dir: Path, source: str | Path, trust_remote_code: bool) -> Any:
     """The tokenizer saved with the adapter (training saves it there; SFT may have changed it), else the base's."""
-    if any(
-        (adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    ):
+    if has_tokenizer_files(adapter_dir):
         return load_tokenizer(adapter_dir, trust_remote_code=trust_remote_code)
     return load_tokenizer(source, trust_remote_code=trust_remote_code)
 

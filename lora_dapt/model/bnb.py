@@ -156,8 +156,3 @@ def describe_quantization(model_config: Any) -> tuple[str, str | None]:
         quant = "none"
     compute = data.get("bnb_4bit_compute_dtype")
     return quant, None if compute is None else str(compute).removeprefix("torch.")
-
-
-# Old private names, kept until every caller uses the public ones.
-_quantized_linears = quantized_linears
-_load_dequantized = load_dequantized

@@ -87,6 +87,11 @@ def resolve_compute_dtype(
     return torch.float32
 
 
+def is_hub_id(text: str) -> bool:
+    """Looks like a hub id ('org/name'): one slash, not a relative or absolute path."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and "\\" not in text
+
+
 def resolve_model_source(name_or_path: str | Path, gguf_file: str | None = None) -> Path | str:
     """Turn (path, gguf_file) into something ``from_pretrained`` can quantize: a directory or a hub id.
 
@@ -105,8 +110,7 @@ def resolve_model_source(name_or_path: str | Path, gguf_file: str | None = None)
             )
         return p
     text = str(name_or_path)
-    is_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and "\\" not in text
-    if not is_hub_id:
+    if not is_hub_id(text):
         raise ModelLoadError(
             f"model not found: {text} is not a local directory or file. Give the path of a directory "
             "with config.json and weights, a .gguf file, or a hub id like 'org/name' (needs network)."

@@ -12,8 +12,16 @@ from typing import Any
 
 from ..errors import ModelLoadError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+"""Files of which at least one is in every directory a tokenizer was saved to."""
+
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|finetune_right_pad|>")
 """Dedicated padding tokens a vocabulary may already have, in order of preference."""
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """True when ``directory`` holds a saved tokenizer (an adapter directory training wrote, a model)."""
+    return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
 
 
 def fix_tokenizer(tokenizer: Any) -> str:

@@ -1,6 +1,6 @@
 """Bytes of each part of a training step's peak memory, as pure functions of a :class:`ModelShape`.
 
-:func:`lora_dapt.plan.memory.estimate_memory` checks the arguments and adds these up; its module docstring
+:func:`lora_dapt.planning.memory.estimate_memory` checks the arguments and adds these up; its module docstring
 says what each part holds. ``s`` is always the byte size of the compute dtype (2 for bf16/fp16, 4 for fp32).
 The weight terms are exact to within bitsandbytes' per-tensor constants; the activation and loss terms are a
 model of what autograd saves, fitted to measured steps (the coefficients say where they come from).

@@ -49,14 +49,6 @@ def known_name(text: str) -> str | None:
     return key if key in known_models() else None
 
 
-def __getattr__(name: str) -> Any:
-    # ``KNOWN_MODELS`` stays importable (benchmarks/bench_gpu.py reads it); built on each access from the
-    # package data, so no module-level table can be changed behind the caller's back
-    if name == "KNOWN_MODELS":
-        return known_models()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(frozen=True)
 class ModelShape:
     """The sizes that set memory, read from a model's config and its module tree (built on the meta device).
@@ -105,9 +97,9 @@ def model_shape(model_or_config: Any) -> ModelShape:
     if isinstance(model_or_config, ModelShape):
         return model_or_config
     if isinstance(model_or_config, torch.nn.Module):
-        module = model_or_config
-        if hasattr(module, "get_base_model"):
-            module = module.get_base_model()
+        from ..model.lora import base_model
+
+        module = base_model(model_or_config)
         name = getattr(module.config, "name_or_path", "") or type(module).__name__
         return _shape_of_module(module, _text_config(module.config), name)
     if isinstance(model_or_config, PretrainedConfig):
@@ -146,11 +138,6 @@ def _config_from_dict(data: dict[str, Any]) -> Any:
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
-def _is_hub_id(text: str) -> bool:
-    # the test of model.load.resolve_model_source (to import from there once model.load exposes it)
-    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and "\\" not in text
-
-
 def _load_config(model: str | Path) -> tuple[Any, str]:
     """(transformers config, display name) of a known name, a GGUF checkpoint or a model directory.
 
@@ -162,6 +149,7 @@ def _load_config(model: str | Path) -> tuple[Any, str]:
     from transformers import AutoConfig
 
     from ..model.gguf import find_gguf
+    from ..model.load import is_hub_id
 
     text = str(model)
     known = known_name(text)
@@ -182,7 +170,7 @@ def _load_config(model: str | Path) -> tuple[Any, str]:
         raise ModelLoadError(f"cannot read the model config of {text}: {e}") from None
     hub = (
         " Hub ids are not fetched: download the model (its config.json is enough) and pass its directory."
-        if _is_hub_id(text) and not p.exists()
+        if is_hub_id(text) and not p.exists()
         else ""
     )
     raise ModelLoadError(

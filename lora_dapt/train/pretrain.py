@@ -364,7 +364,7 @@ def _result(
     after: dict[str, Any],
 ) -> TrainResult:
     from ..evaluate.forgetting import forgetting_report
-    from ..plan.memory import peak_memory_bytes
+    from ..planning.memory import peak_memory_bytes
 
     return TrainResult(
         output_dir=str(run.path),
