@@ -52,15 +52,15 @@ def build_tokenizer(out_dir: Path, *, with_pad: bool = False):
     return fast
 
 
-def build_model(out_dir: Path, vocab_size: int, *, tie: bool = False, seed: int = 0):
-    """A 2-layer Llama with random weights (hidden 64), saved as safetensors."""
+def build_model(out_dir: Path, vocab_size: int, *, tie: bool = False, seed: int = 0, hidden: int = 64):
+    """A 2-layer Llama with random weights (hidden 64 unless told), saved as safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

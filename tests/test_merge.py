@@ -24,7 +24,7 @@ from lora_dapt.model.load import ModelSource, load_base_model
 from lora_dapt.model.lora import apply_lora
 from lora_dapt.rundir import MERGE_REPORT
 
-from .conftest import build_tokenizer, make_text
+from .conftest import build_model, build_tokenizer, make_text
 
 EVAL_TEXTS = [make_text(16, seed=500 + i) for i in range(3)]
 TRAINED_16BIT = ModelConfig(quantization="none")  # the adapter was trained on an unquantized base
@@ -293,21 +293,9 @@ def test_nan_adapter_is_refused(tiny_model_dir, adapter_plain, tmp_path):
 
 
 def test_mismatched_base_names_both(adapter_plain, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     other = tmp_path / "other_base"
     tok = build_tokenizer(other)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(other)
+    build_model(other, len(tok), hidden=32)
     recorded = json.loads((adapter_plain / "adapter_config.json").read_text())["base_model_name_or_path"]
     with pytest.raises(MergeError, match="base model mismatch") as err:
         _merge(other, adapter_plain, tmp_path / "merged")
