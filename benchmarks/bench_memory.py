@@ -2,7 +2,7 @@
 
 Every configuration runs in its own child process (peak memory is per process): load, attach LoRA (or not),
 one training step (forward, backward, AdamW step), then report the peak -- process RSS on CPU (peak minus
-the RSS after imports), ``torch.cuda.max_memory_allocated`` on GPU -- next to ``lora_dapt.memory``'s
+the RSS after imports), ``torch.cuda.max_memory_allocated`` on GPU -- next to ``lora_dapt.planning.memory``'s
 estimate and the bytes the loaded weights really hold (``tensor_bytes``).
 
 Part 2: a tiny Llama with a 128,256-token vocabulary (Llama-3's) and 2 x 2048 tokens, embeddings and head

@@ -65,7 +65,7 @@ def smollm2_dir(cache: Path | None = None) -> Path:
         return gguf_to_checkpoint(src, GGUF_NAME)
     except ValueError as e:
         print(
-            f"note: lora_dapt.model.gguf_to_checkpoint failed ({str(e)[:80]}...); converting here",
+            f"note: lora_dapt.model.gguf.gguf_to_checkpoint failed ({str(e)[:80]}...); converting here",
             file=sys.stderr,
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer

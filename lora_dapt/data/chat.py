@@ -5,6 +5,28 @@ with the tokenizer's chat template (or :data:`DEFAULT_CHAT_TEMPLATE`), labels on
 (and the end-of-turn token that closes them), holds out whole conversations for evaluation and packs them
 with :func:`lora_dapt.data.packing.pack_documents`. A conversation longer than ``seq_len`` is dropped (counted,
 with examples), not cut.
+
+Every format becomes a list of chat messages and is rendered with the tokenizer's chat template, so training
+and inference see the same format. A tokenizer without a template (a base model) gets
+:data:`DEFAULT_CHAT_TEMPLATE`, which is saved with the tokenizer in the run's ``adapter/`` (and so in the
+merged model). It uses plain-text role headers, no new tokens, so the embeddings need not grow::
+
+    <s>### System:\\nBe brief.\\n\\n### User:\\nWhat is a dose?\\n\\n### Assistant:\\nAn amount.</s>\\n\\n
+
+Labels. Masking is by position, never by token id (pad may equal eos, trl #1623): assistant content and
+the end-of-turn token after it are trained, every other token (BOS, system, user, role headers) is -100.
+Templates with ``{% generation %}`` blocks (the default one) give the assistant positions directly
+(``return_assistant_tokens_mask``). For other templates the conversation is rendered prefix by prefix: the
+assistant turn ``i`` spans from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
+``render(messages[:i+1])``; the whole conversation is tokenized once and a token is trained when its
+characters overlap a span, so the labelled tokens are exactly the trained ones. A template that renders
+earlier turns differently once later turns are added is reported, not guessed around. When the last
+assistant turn does not end with EOS or another special token, EOS is appended and trained.
+
+Packing. Conversations are packed with :func:`~lora_dapt.data.packing.pack_documents`: ``position_ids`` restart at
+every conversation and the model runs without an attention mask, so packed conversations never attend to
+each other. Trade-off: conversations longer than ``seq_len`` are dropped (counted and reported with their
+line numbers), never cut, because a cut conversation would train answers without their questions.
 """
 
 from __future__ import annotations

@@ -5,6 +5,14 @@ Rows come from ``.jsonl``/``.json`` files, globs or directories (resolved by
 of dicts, a ``datasets.Dataset``). Nothing is skipped silently: every malformed row (invalid JSON, bytes that
 are not UTF-8, a row in no format or in another format than its file's, a bad turn) is collected with its
 file and line, and all of them are raised as one :class:`DataError`.
+
+Four row formats, detected per file from its first row (or forced with ``SFTConfig.format``) and
+checked on every row; every malformed row is reported with its file and line number, all at once:
+
+* ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
+* ``prompt_completion``: ``{"prompt": "...", "completion": "..."}`` (or trl's conversational lists)
+* ``alpaca``: ``{"instruction": "...", "input": "..." (optional), "output": "...", "system": (optional)}``
+* ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}``
 """
 
 from __future__ import annotations

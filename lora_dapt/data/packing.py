@@ -1,6 +1,6 @@
 """Pack tokenized documents into fixed-length blocks without losing a token or leaking attention.
 
-Pure functions, no I/O: :func:`prepare_corpus <lora_dapt.corpus.prepare_corpus>` uses them on batches of
+Pure functions, no I/O: :func:`prepare_corpus <lora_dapt.data.corpus.prepare_corpus>` uses them on batches of
 documents, and the SFT module uses them on conversations with their own label masks.
 
 How a block is laid out (``seq_len`` tokens, three int lists of that length):
