@@ -231,6 +231,9 @@ class TrainConfig(Section):
     """Keep this many most recent checkpoints."""
     resume_from: str | None = None
     """'latest' (the newest complete checkpoint in output_dir) or a checkpoint directory."""
+    overwrite: bool = False
+    """Start a fresh run in an output_dir that holds an earlier run, deleting its checkpoints and metrics log
+    (without it, or resume_from, such a directory is refused)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or gradient: 'stop' the run with a report, or 'skip' that update."""
     num_workers: int = 0
