@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Sequence
@@ -30,14 +31,37 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
+REPR_CHARS = 120
+"""The longest a value is shown in a config message (a YAML alias bomb must not build a 300 MB message)."""
+
+
+INT_LIMIT = 2**63 - 1
+"""The largest integer a config value may be (what torch, numpy and the tokenizers can hold)."""
+
+
+def short_repr(value: Any, limit: int = REPR_CHARS) -> str:
+    """``repr(value)`` bounded in depth, items and length: what every config message shows of a value.
+
+    >>> short_repr("x" * 500)[:12], len(short_repr(list(range(10**6)))) <= REPR_CHARS
+    ("'xxxxxxxxxxx", True)
+    """
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 3, limit, limit, 40
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 8
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def unknown_name(label: str, key: Any, known: Sequence[str], kind: str, listing: str) -> str:
     """The problem line for an unknown key: the closest known name, or all of them when none is close.
 
     >>> unknown_name("train.lerning_rate", "lerning_rate", ["learning_rate", "seed"], "key", "known keys: ")
     "train.lerning_rate: unknown key; did you mean 'learning_rate'?"
     """
-    guess = difflib.get_close_matches(str(key), list(known), n=1)
+    key = str(key)[:REPR_CHARS]
+    guess = difflib.get_close_matches(key, list(known), n=1)
     hint = f"; did you mean '{guess[0]}'?" if guess else f"; {listing}{', '.join(known)}"
+    label = label if len(label) <= REPR_CHARS else short_repr(label)
     return f"{label}: unknown {kind}{hint}"
 
 
@@ -101,8 +125,8 @@ def coerce(value: Any, tp: Any) -> tuple[bool, Any]:
         if isinstance(value, bool):
             return False, value
         if isinstance(value, int):
-            return True, value
-        if isinstance(value, float) and value.is_integer():
+            return abs(value) <= INT_LIMIT, value
+        if isinstance(value, float) and value.is_integer() and abs(value) <= INT_LIMIT:
             return True, int(value)
         return False, value
     if tp is float:
@@ -196,7 +220,10 @@ class Section:
             if ok:
                 object.__setattr__(self, f.name, coerced)
             else:
-                out.append(f"{self._key(f.name)} = {value!r}: expected {type_name(hints[f.name])}")
+                tp = type_name(hints[f.name])
+                if isinstance(value, int) and not isinstance(value, bool) and "int" in tp:
+                    tp += f" (at most {INT_LIMIT:,})"
+                out.append(f"{self._key(f.name)} = {short_repr(value)}: expected {tp}")
                 wrong.add(f.name)
         return out, wrong
 
@@ -206,7 +233,7 @@ class Section:
 
     def _check(self, out: list[str], cond: bool, name: str, allowed: str) -> None:
         if not cond:
-            out.append(f"{self._key(name)} = {getattr(self, name)!r}: {allowed}")
+            out.append(f"{self._key(name)} = {short_repr(getattr(self, name))}: {allowed}")
 
     # -- dict / YAML -------------------------------------------------------------------------------------
     @classmethod
@@ -264,16 +291,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            problems.append(f"--set {item!r}: expected section.key=value, e.g. train.learning_rate=1e-4")
+            problems.append(
+                f"--set {short_repr(item)}: expected section.key=value, e.g. train.learning_rate=1e-4"
+            )
             continue
         section, name = parts
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            problems.append(f"--set {short_repr(item)}: the value is nested too deeply to read")
+            continue
         node = out.setdefault(section, {})
         if not isinstance(node, dict):
-            problems.append(f"--set {item!r}: section '{section}' is not a mapping")
+            problems.append(f"--set {short_repr(item)}: section {short_repr(section)} is not a mapping")
             continue
         node[name] = value
     if problems:

@@ -22,7 +22,15 @@ from typing import Any, Literal
 
 import yaml
 
-from ._sections import Section, apply_overrides, describe_section, field_docs, positive, unknown_name
+from ._sections import (
+    Section,
+    apply_overrides,
+    describe_section,
+    field_docs,
+    positive,
+    short_repr,
+    unknown_name,
+)
 from .errors import ConfigError
 
 __all__ = [
@@ -44,6 +52,11 @@ __all__ = [
     "describe_config",
     "field_docs",
 ]
+
+MAX_SEQ_LEN = 1 << 24
+"""The longest block a config may ask for (16M tokens, beyond any model's context); the model's own limit
+(``max_position_embeddings``) is checked when corpus and model meet."""
+
 
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -113,7 +126,7 @@ class AdapterConfig(Section):
         self._check(out, 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             out.append(
-                f"adapter.target_modules = {self.target_modules!r}: use 'all-linear' or a list of module names"
+                f"adapter.target_modules = {short_repr(self.target_modules)}: use 'all-linear' or a list of module names"
             )
         if isinstance(self.target_modules, list) and not self.target_modules:
             out.append("adapter.target_modules = []: give at least one module name, or 'all-linear'")
@@ -165,6 +178,12 @@ class DataConfig(Section):
     def problems(self) -> list[str]:
         out: list[str] = []
         self._check(out, self.seq_len >= 2, "seq_len", "must be >= 2 (a block needs an input and a target)")
+        self._check(
+            out,
+            self.seq_len <= MAX_SEQ_LEN,
+            "seq_len",
+            f"must be <= {MAX_SEQ_LEN:,} (tokens per training block)",
+        )
         self._check(out, 0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
         self._check(out, 0 <= self.replay_fraction < 1, "replay_fraction", "must be in [0, 1)")
         self._check(out, self.min_chars >= 0, "min_chars", "must be >= 0")
@@ -370,6 +389,7 @@ class SFTConfig(TrainConfig):
     def problems(self) -> list[str]:
         out = super().problems()
         self._check(out, self.seq_len >= 2, "seq_len", "must be >= 2")
+        self._check(out, self.seq_len <= MAX_SEQ_LEN, "seq_len", f"must be <= {MAX_SEQ_LEN:,}")
         self._check(out, 0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
         self._check(
             out,
@@ -430,7 +450,7 @@ class RunConfig:
             if value is None and key == "sft":
                 continue
             if not isinstance(value, dict):
-                problems.append(f"{key} = {value!r}: expected a mapping of {key} settings")
+                problems.append(f"{key} = {short_repr(value)}: expected a mapping of {key} settings")
                 continue
             try:
                 built[key] = SECTIONS[key].from_dict(value)
@@ -462,10 +482,26 @@ class RunConfig:
             raise ConfigError(
                 f"{path}: config file not found (give the path of a YAML file)", header="cannot read config"
             )
+        raw = path.read_bytes()
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path}: not UTF-8 text ({e.reason}: byte 0x{raw[e.start]:02x} at offset {e.start}); save the "
+                "file as UTF-8",
+                header="cannot read config",
+            ) from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}", header="cannot read config") from None
+            raise ConfigError(
+                f"{path}: not valid YAML: {short_repr(str(e), 600)}", header="cannot read config"
+            ) from None
+        except RecursionError:
+            raise ConfigError(
+                f"{path}: nested too deeply to read (a config is a few levels of sections and keys)",
+                header="cannot read config",
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(
                 f"{path}: expected a mapping of sections (model:, data:, train: ...)",

@@ -16,7 +16,7 @@ class ConfigError(LoraDaptError, ValueError):
     """One or more configuration problems; ``problems`` lists each one as a readable line."""
 
     def __init__(self, problems: list[str] | str, header: str = "invalid configuration") -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.problems = [_bounded(p) for p in ([problems] if isinstance(problems, str) else problems)]
         lines = "\n".join(f"  - {p}" for p in self.problems)
         n = len(self.problems)
         super().__init__(f"{header} ({n} problem{'s' if n != 1 else ''}):\n{lines}")
@@ -40,3 +40,15 @@ class MergeError(LoraDaptError, RuntimeError):
 
 class RunDirError(LoraDaptError, FileNotFoundError):
     """A run directory, or one of its files, is missing or unreadable."""
+
+
+_PROBLEM_CHARS = 2000  # the longest one problem line may be (a message is read by a person)
+
+
+def _bounded(problem: str) -> str:
+    text = str(problem)
+    return (
+        text
+        if len(text) <= _PROBLEM_CHARS
+        else f"{text[: _PROBLEM_CHARS - 30]}... ({len(text):,} characters)"
+    )

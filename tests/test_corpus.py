@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lora_dapt.config import DataConfig
-from lora_dapt.data import clean, formats, sources
+from lora_dapt.data import clean, formats, resolve, sources
 from lora_dapt.data.corpus import Corpus, CorpusStats, format_stats, prepare_corpus, resolve_special_tokens
 from lora_dapt.data.formats import Utf8Decoder, json_rows, jsonl_rows
 from lora_dapt.data.packing import IGNORE_INDEX, segment_ids
@@ -314,7 +314,11 @@ def test_table_formats_and_text_field(tmp_path, tiny_tokenizer):
         [str(tmp_path / "*.*")], tiny_tokenizer, cfg(tmp_path, text_field="body"), use_cache=False
     )
     assert c.stats.documents_kept == 8
-    assert c.stats.problems["bad_rows"] == 3  # {"other": 1}, "not json", the parquet without 'body'
+    # {"other": 1} and the parquet without 'body'; "not json" is reported as invalid JSON, with its line
+    assert c.stats.problems["bad_rows"] == 2 and c.stats.problems["invalid_json"] == 1
+    assert c.stats.examples["invalid_json"] == [
+        f"{tmp_path / 'a.jsonl'} (1 rows: {tmp_path / 'a.jsonl'}:4: not valid JSON (Expecting value))"
+    ]
     assert c.stats.files_read == 5
     expected = sum(len(doc_tokens(tiny_tokenizer, t)) for t in texts)
     assert c.stats.train_tokens == expected
@@ -470,7 +474,7 @@ def test_gaps_left_by_long_documents_are_filled_and_counted(tmp_path, tiny_token
 
 
 def test_docstring_examples_hold():
-    for module in (clean, formats, sources):
+    for module in (clean, formats, sources, resolve):
         result = doctest.testmod(module)
         assert result.attempted >= 1 and result.failed == 0, module.__name__
 

@@ -26,6 +26,10 @@ _CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TRAILING = re.compile(r"[ \t]+(?=\n)")
 
 
+_NOTED = ("bad_rows", "unreadable", "invalid_json", "not_regular", "symlink_loop", "seen_twice")
+"""Report kinds whose example names carry their note (which lines, what kind of file)."""
+
+
 def clean_text(text: str, normalize: bool = True) -> str:
     """The normalisation applied to every document when ``DataConfig.normalize`` is on.
 
@@ -89,7 +93,7 @@ def _select_documents(
     empty = set()
     for i, st in enumerate(status):
         if st != "ok":
-            name = f"{sources[i]} ({notes[i]})" if st in ("bad_rows", "unreadable") else sources[i]
+            name = f"{sources[i]} ({notes[i]})" if st in _NOTED else sources[i]
             tally.add(st, name if st != "file_read" else "", count[i])
             continue
         n_read += 1

@@ -196,6 +196,9 @@ def _files(paths: Sequence[str | Path]) -> list[str]:
     out: list[str] = []
     for p in paths:
         found = resolve_path(p, _EXTENSIONS)
+        odd = [s for s in found.skipped if s.kind == "not_regular"]
+        if odd:
+            raise DataError(f"sft data: {odd[0].name} is {odd[0].detail}; give .jsonl/.json files")
         if not found.files:
             if found.kind == "glob":
                 raise DataError(f"sft data: no file matches {found.spec!r}")

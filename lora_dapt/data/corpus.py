@@ -131,6 +131,12 @@ def prepare_corpus(
         train_docs, eval_docs = _clean_and_split(docs, ev_docs, cfg, stats)
         if len(train_docs) == 0:
             raise _no_documents(stats, src)
+        if ev_docs is not None and len(eval_docs) == 0:
+            names = ", ".join(_source_name(s) for s in ev_src[:3])
+            raise DataError(
+                f"data.eval_sources ({names}) hold no usable document ({stats.what_happened()}): check the "
+                "paths, or leave eval_sources empty to hold out data.eval_fraction of the sources"
+            )
         # 3. tokenize into pieces of <= seq_len tokens
         train_pieces = tokenize_documents(
             train_docs, tokenizer, cfg, bos, eos, work / "train-pieces.arrow", "tokenizing train"
@@ -238,17 +244,37 @@ def _clean_and_split(
 
 
 def _no_documents(stats: CorpusStats, src: Sequence[Any]) -> DataError:
-    if stats.files_read == 0 and stats.documents_read == 0 and not stats.problems.get("bad_rows"):
-        names = [str(s) if isinstance(s, (str, os.PathLike)) else type(s).__name__ for s in src[:3]]
+    rows = stats.problems.get("bad_rows") or stats.problems.get("invalid_json")
+    if stats.files_read == 0 and stats.documents_read == 0 and not rows:
+        names = [_source_name(s) for s in src[:3]]
         more = f" (+{len(src) - 3} more)" if len(src) > 3 else ""
         return DataError(
             f"no training documents: the sources {', '.join(names)}{more} matched no readable file or row "
             f"({stats.what_happened()}). Check the paths and globs (directories are searched recursively "
-            "for .txt .md .rst .jsonl .json .parquet .csv)"
+            "for .txt .md .rst .jsonl .json .parquet .csv)" + _texts_hint(src)
         )
     return DataError(
         f"no training documents left after cleaning: {stats.what_happened()}. Check the sources and "
         "text_field, or relax min_chars / dedupe"
+    )
+
+
+def _source_name(src: Any) -> str:
+    if not isinstance(src, (str, os.PathLike)):
+        return type(src).__name__
+    name = str(src)
+    return name if len(name) <= 80 else f"{name[:80]!r}... ({len(name):,} characters)"
+
+
+def _texts_hint(src: Sequence[Any]) -> str:
+    """A hint when path sources look like document texts (a str in the sources list is a path)."""
+    paths = [str(s) for s in src if isinstance(s, str)]
+    if not any("\n" in p or len(p) > 255 or " " in p.strip() for p in paths):
+        return ""
+    return (
+        ". The sources look like document texts: a string in the sources list is read as a PATH; to pass "
+        'texts, nest them in a list of their own: prepare_corpus([["doc one", "doc two"]], tok), or use '
+        'datasets.Dataset.from_dict({"text": texts})'
     )
 
 
@@ -278,7 +304,15 @@ def _replay_pieces(
     """Replay pieces worth ``replay_fraction`` of the training tokens (``stats.train_tokens`` so far: the
     domain's); adds them to ``stats``."""
     rp_docs = read_documents(rp_src, cfg.text_field, cfg.normalize, work, "replay", cfg.num_proc)
-    rp_idx, _ = _select_documents(rp_docs, cfg.replace(min_chars=1, near_dedupe=False), _Tally())
+    rp_tally = _Tally()
+    rp_idx, _ = _select_documents(rp_docs, cfg.replace(min_chars=1, near_dedupe=False), rp_tally)
+    if not rp_idx:
+        names = ", ".join(_source_name(s) for s in rp_src[:3])
+        found = "; ".join(f"{n} {PROBLEMS.get(k, DROPS.get(k, k))}" for k, n in rp_tally.counts.items() if n)
+        raise DataError(
+            f"data.replay_sources ({names}) hold no usable document ({found or 'nothing found'}): check the "
+            "paths, or set data.replay_fraction to 0"
+        )
     random.Random(cfg.seed + 1).shuffle(rp_idx)
     target = math.ceil(stats.train_tokens * cfg.replay_fraction / (1 - cfg.replay_fraction))
     # tokenize only about as many characters as the budget needs (x1.5 + 64 documents of margin)

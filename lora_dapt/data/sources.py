@@ -3,39 +3,61 @@
 What is resolved how:
 
 * A **path, glob or directory** (``str`` or ``os.PathLike``; ``~`` expanded) goes through
-  :func:`resolve_path`: an existing file is itself; an existing directory is walked recursively (files in
-  name order, then sub-directories in name order), skipping hidden files and directories and, when the
-  caller names ``extensions``, files with other extensions; anything with ``*?[`` is a recursive glob
-  (matching files only, sorted). What was not returned comes back as :class:`Skipped` (``not_found``,
-  ``hidden``), and each caller decides what it means: :func:`read_documents` (the corpus) makes report rows
-  of them, :func:`read_text_sources` and the SFT reader raise a ``DataError``.
+  :func:`~lora_dapt.data.resolve.resolve_path` (:mod:`.resolve` says the rules: regular files only,
+  symlinks followed with loop detection, each file once by real path). What was not returned comes back as
+  :class:`Skipped` (``not_found``, ``hidden``, ``not_regular``, ``symlink_loop``, ``seen_twice``), and each
+  caller decides what it means: :func:`read_documents` (the corpus) makes report rows of them,
+  :func:`read_text_sources` and the SFT reader raise a ``DataError`` for what they cannot read.
 * A **datasets.Dataset / IterableDataset** gives the column ``text_field`` of every row.
 * A **list or tuple of strings** nested inside the sources list is in-memory document texts.
 
 Files are read by :mod:`.formats` (one reader per format). :func:`read_documents` streams every document
 into one Arrow table next to *report rows* (status != "ok") for what could not be used, so nothing vanishes
 silently and counts made in worker processes come back inside the rows: a file's undecodable bytes are a
-report row its reader yields, not a counter.
+report row its reader yields, not a counter. Text is UTF-8, or UTF-16/UTF-32 when a byte order mark says
+so, in every format; undecodable bytes are counted (``undecodable``) whatever the format, rows that do not
+parse are named by line (``invalid_json``; a CSV record, ``bad_rows``), and a table file without rows is
+``empty_file``.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 import datasets
 
 from ..errors import DataError
 from .clean import clean_text
-from .formats import Row, Utf8Decoder, csv_rows, is_binary, json_rows, jsonl_rows, parquet_rows, text_chunks
+from .formats import (
+    Row,
+    Utf8Decoder,
+    csv_rows,
+    is_binary,
+    json_rows,
+    jsonl_rows,
+    parquet_rows,
+    sniff_encoding,
+    text_chunks,
+)
+from .resolve import Resolved, SkipKind, Skipped, resolve_path
+
+__all__ = [
+    "Resolved",
+    "SkipKind",
+    "Skipped",
+    "as_source_list",
+    "is_texts",
+    "read_documents",
+    "read_text_sources",
+    "resolve_path",
+]
 
 TEXT_EXTENSIONS = (".txt", ".md", ".rst")
 """Read whole, one document per file."""
@@ -47,65 +69,6 @@ TABLE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 
 Source = str | os.PathLike | datasets.Dataset | datasets.IterableDataset | Sequence[str]
 """A path, glob or directory; a ``datasets`` dataset; or a list/tuple of document texts."""
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """Something a path, glob or directory named that :func:`resolve_path` did not return, and why."""
-
-    name: str
-    kind: Literal["not_found", "hidden"]
-    detail: str
-
-
-@dataclass
-class Resolved:
-    """The files one path, glob or directory names."""
-
-    spec: str
-    """The source as given."""
-    kind: Literal["file", "directory", "glob", "missing"]
-    files: list[str] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-
-
-def resolve_path(spec: str | os.PathLike, extensions: Sequence[str] | None = None) -> Resolved:
-    """The files a path, glob or directory names (see the module docstring for the rules).
-
-    ``extensions`` (lower case, with the dot) filters what a directory walk returns; a file named directly
-    or matched by a glob is returned whatever its extension, for its reader to accept or report.
-
-    >>> r = resolve_path("no/such/dir/*.txt")
-    >>> r.kind, r.files, r.skipped[0].kind
-    ('glob', [], 'not_found')
-    """
-    name = str(spec)
-    path = Path(os.path.expanduser(name))
-    if path.is_file():
-        return Resolved(name, "file", [str(path)])
-    if path.is_dir():
-        return _walk(name, path, extensions)
-    if any(c in name for c in "*?["):
-        files = sorted(p for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
-        return Resolved(
-            name, "glob", files, [] if files else [Skipped(name, "not_found", "the glob matched no file")]
-        )
-    return Resolved(name, "missing", [], [Skipped(name, "not_found", "no such file or directory")])
-
-
-def _walk(name: str, top: Path, extensions: Sequence[str] | None) -> Resolved:
-    out = Resolved(name, "directory")
-    for root, dirs, names in os.walk(top):
-        for d in [d for d in dirs if d.startswith(".")]:
-            out.skipped.append(Skipped(os.path.join(root, d), "hidden", "hidden directory"))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for n in sorted(names):
-            full = os.path.join(root, n)
-            if n.startswith("."):
-                out.skipped.append(Skipped(full, "hidden", "hidden file"))
-            elif extensions is None or os.path.splitext(n)[1].lower() in extensions:
-                out.files.append(full)
-    return out
 
 
 def read_text_sources(sources: str | Path | Sequence[str | Path]) -> list[str]:
@@ -126,6 +89,9 @@ def read_text_sources(sources: str | Path | Sequence[str | Path]) -> list[str]:
                 f"{item!s}: no such file, directory or matching glob. To score a string itself, pass a "
                 "list: perplexity(model, tok, [text])"
             )
+        odd = [sk for sk in found.skipped if sk.kind == "not_regular"]
+        if odd:
+            raise DataError(f"{odd[0].name}: {odd[0].detail}; give regular text files")
         files += found.files
     texts = []
     for f in files:
@@ -238,11 +204,10 @@ def _text_docs(text: str, source: str, normalize: bool) -> Iterable[dict[str, An
     return _parts_docs([text], source, normalize)
 
 
-def _text_file_docs(f: BinaryIO, path: str, normalize: bool) -> Iterator[dict[str, Any]]:
-    decoder = Utf8Decoder()
+def _text_file_docs(
+    f: BinaryIO, path: str, normalize: bool, decoder: Utf8Decoder
+) -> Iterator[dict[str, Any]]:
     yield from _parts_docs(text_chunks(f, decoder), path, normalize)
-    if decoder.replaced:
-        yield _report(path, "undecodable", f"{decoder.replaced} bytes replaced")
 
 
 def _row_text(row: Any, text_field: str) -> str | None:
@@ -255,12 +220,25 @@ def _row_text(row: Any, text_field: str) -> str | None:
 
 
 def _rows_docs(
-    rows: Iterable[tuple[str, Any]], source: str, text_field: str, normalize: bool
+    rows: Iterable[tuple[str, Any, str | None]],
+    source: str,
+    text_field: str,
+    normalize: bool,
+    parse_kind: str = "invalid_json",
 ) -> Iterator[dict[str, Any]]:
-    """Documents of (name, row) pairs; the rows without a string ``text_field`` as one report row."""
+    """Documents of (name, row, parse error) triples; the rows without a string ``text_field`` as one report
+    row (``bad_rows``), the rows that did not parse as another (``parse_kind``), and a source without any
+    row as ``empty_file``."""
     bad: list[str] = []
-    n_bad = 0
-    for name, row in rows:
+    broken: list[str] = []
+    n_bad = n_broken = n_rows = 0
+    for name, row, error in rows:
+        n_rows += 1
+        if error is not None:
+            n_broken += 1
+            if len(broken) < 3:
+                broken.append(f"{name}: {error}")
+            continue
         text = _row_text(row, text_field)
         if text is None:
             n_bad += 1
@@ -274,10 +252,14 @@ def _rows_docs(
         yield _report(
             source, "bad_rows", f"{n_bad} rows without a string '{text_field}': {'; '.join(bad)}", n_bad
         )
+    if n_broken:
+        yield _report(source, parse_kind, f"{n_broken} rows: {'; '.join(broken)}"[:600], n_broken)
+    if not n_rows:
+        yield _report(source, "empty_file", "no rows")
 
 
-def _named(path: str, rows: Iterable[Row]) -> Iterator[tuple[str, Any]]:
-    """(path:line | path[index] | path, value) of a file's rows (a row that did not parse has value None)."""
+def _named(path: str, rows: Iterable[Row]) -> Iterator[tuple[str, Any, str | None]]:
+    """(path:line | path[index] | path, value, parse error) of a file's rows."""
     for r in rows:
         where = (
             f"{path}:{r.line}"
@@ -286,36 +268,48 @@ def _named(path: str, rows: Iterable[Row]) -> Iterator[tuple[str, Any]]:
             if r.index is not None
             else path
         )
-        yield where, r.value
+        yield where, r.value, r.error
 
 
 _TABLE_READERS = {".jsonl": jsonl_rows, ".json": partial(json_rows, unwrap=True), ".csv": csv_rows}
 
 
 def _read_file(path: str, text_field: str, normalize: bool) -> Iterator[dict[str, Any]]:
-    """Rows (documents and reports) of one file; a file that fails gives a report row, never an exception."""
+    """Rows (documents and reports) of one file; a file that fails gives a report row, never an exception.
+
+    Text is UTF-8, or UTF-16/UTF-32 when the file starts with that byte order mark (reported as
+    ``transcoded``); undecodable bytes are replaced and the file is reported as ``undecodable``, whatever
+    its format.
+    """
     ext = Path(path).suffix.lower()
     if ext not in TEXT_EXTENSIONS + TABLE_EXTENSIONS:
         yield _report(path, "unknown_extension", ext or "(none)")
         return
     yield _report(path, "file_read", "", 1)
+    decoder: Utf8Decoder | None = None
     try:
         if ext == ".parquet":
-            rows = parquet_rows(path, text_field)
-        else:
-            with open(path, "rb") as f:
-                if is_binary(f):
-                    yield _report(path, "binary", "NUL bytes in the first 8 KB")
-                    return
-                if ext in TEXT_EXTENSIONS:
-                    yield from _text_file_docs(f, path, normalize)
-                    return
-            rows = _TABLE_READERS[ext](path)
-        yield from _rows_docs(_named(path, rows), path, text_field, normalize)
+            yield from _rows_docs(_named(path, parquet_rows(path, text_field)), path, text_field, normalize)
+            return
+        with open(path, "rb") as f:
+            decoder = Utf8Decoder(sniff_encoding(f))
+            if decoder.encoding == "utf-8" and is_binary(f):
+                yield _report(path, "binary", "NUL bytes in the first 8 KB")
+                return
+            if decoder.encoding != "utf-8":
+                yield _report(path, "transcoded", decoder.encoding)
+            if ext in TEXT_EXTENSIONS:
+                yield from _text_file_docs(f, path, normalize, decoder)
+        if ext not in TEXT_EXTENSIONS:
+            rows = _TABLE_READERS[ext](path, decoder=decoder)
+            kind = "bad_rows" if ext == ".csv" else "invalid_json"
+            yield from _rows_docs(_named(path, rows), path, text_field, normalize, kind)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is what a bad file raises
         if not _bad_file(e):
             raise
         yield _report(path, "unreadable", f"{type(e).__name__}: {e}"[:300])
+    if decoder is not None and decoder.replaced:
+        yield _report(path, "undecodable", f"{decoder.replaced} bytes replaced ({decoder.first_error})")
 
 
 def _bad_file(e: Exception) -> bool:
@@ -359,11 +353,17 @@ def _memory_rows(src: Any, name: str, text_field: str, normalize: bool) -> Itera
         )
     else:
         rows = src
-    yield from _rows_docs(((f"{name}[{i}]", r) for i, r in enumerate(rows)), name, text_field, normalize)
+    yield from _rows_docs(
+        ((f"{name}[{i}]", r, None) for i, r in enumerate(rows)), name, text_field, normalize
+    )
 
 
 def is_texts(src: Any) -> bool:
-    """Whether a source is in-memory document texts (a list or tuple of strings)."""
+    """Whether a source is in-memory document texts (a list or tuple of strings); a str is a path.
+
+    >>> is_texts(["doc one", "doc two"]), is_texts("notes/*.txt")
+    (True, False)
+    """
     return isinstance(src, (list, tuple)) and all(isinstance(s, str) for s in src)
 
 

@@ -18,6 +18,12 @@ PROBLEMS = {
     "bad_rows": "rows without a usable text field (skipped)",
     "hidden": "hidden files/directories (skipped)",
     "undecodable": "files with undecodable bytes (replaced by U+FFFD, kept)",
+    "invalid_json": "rows that are not valid JSON (skipped)",
+    "empty_file": "files or datasets without any row (skipped)",
+    "not_regular": "not regular files: FIFOs, sockets, devices (skipped, never opened)",
+    "symlink_loop": "symlinks to a directory above them (not followed)",
+    "seen_twice": "files or directories reached again through a symlink (read once)",
+    "transcoded": "UTF-16/UTF-32 files (decoded by their byte order mark, kept)",
     "split": "documents longer than 1M characters (cut into parts, kept)",
 }
 """Problem kinds that concern files or rows (not documents dropped by cleaning), with a readable label."""

@@ -180,8 +180,28 @@ def forgetting_report(before: dict[str, Any], after: dict[str, Any]) -> dict[str
         for key, short in (("ppl", "ppl"), ("bits_per_byte", "bpb")):
             b, a = _metric(before.get(split), key), _metric(after.get(split), key)
             row.update({f"{short}_before": b, f"{short}_after": a, f"{short}_change": _relative(b, a)})
+        scored = [n for n in (_metric(before.get(split), "tokens"), _metric(after.get(split), "tokens")) if n]
+        if scored and min(scored) < MIN_EVAL_TOKENS:
+            row["note"] = _few_tokens(split, int(min(scored)))
+            log.warning("%s", row["note"])
         report[split] = row
     return report
+
+
+MIN_EVAL_TOKENS = 1000
+"""Below this many scored tokens a perplexity change is noise, and the report says so."""
+
+
+def _few_tokens(split: str, n: int) -> str:
+    fix = (
+        "hold out more (data.eval_fraction) or give data.eval_sources"
+        if split == "domain"
+        else "give more general text (eval.general_sources)"
+    )
+    return (
+        f"the {split} eval scored only {n:,} tokens (fewer than {MIN_EVAL_TOKENS:,}): its perplexity change is "
+        f"noise, not a measurement; {fix}"
+    )
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -211,6 +231,7 @@ def format_forgetting(report: dict[str, Any]) -> str:
                 _fmt(r.get("bpb_after"), ".4f"),
             )
         )
+    notes = [r["note"] for r in report.values() if r.get("note")]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [
         "  ".join(
@@ -219,4 +240,4 @@ def format_forgetting(report: dict[str, Any]) -> str:
         )
         for row in rows
     ]
-    return "\n".join(line.rstrip() for line in lines)
+    return "\n".join([line.rstrip() for line in lines] + [f"note: {n}" for n in notes])

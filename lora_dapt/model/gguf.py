@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -75,8 +76,12 @@ def gguf_to_checkpoint(directory: str | Path, gguf_file: str, *, cache_dir: str 
     log.info("dequantizing GGUF %s into %s (once; cached)", src, out)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
-    except (OSError, ValueError, ImportError) as e:
-        raise ModelLoadError(f"cannot read GGUF file {src}: {e}") from None
+    except (OSError, ValueError, ImportError, struct.error, EOFError, KeyError, IndexError) as e:
+        # a truncated or garbled file fails inside the gguf reader (struct.error, IndexError, KeyError)
+        raise ModelLoadError(
+            f"cannot read GGUF file {src} ({src.stat().st_size:,} bytes; truncated or not a GGUF file?): "
+            f"{type(e).__name__}: {str(e)[:300]}"
+        ) from None
     if sum(p.numel() for p in model.parameters()) > KEEP_FLOAT32_UP_TO:
         model = model.to(torch.bfloat16)  # halves the disk
     # The weights are plain tensors now; drop the GGUF "quantization" so the checkpoint saves and loads as an

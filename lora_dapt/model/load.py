@@ -34,6 +34,8 @@ __all__ = [
     "DTYPES",
     "LoadedModel",
     "ModelSource",
+    "check_seq_len",
+    "context_length",
     "fix_tokenizer",
     "gguf_to_checkpoint",
     "load_base_model",
@@ -42,6 +44,7 @@ __all__ = [
     "resolve_compute_dtype",
     "resolve_device",
     "resolve_model_source",
+    "tokenizer_before_load",
 ]
 
 log = logging.getLogger("lora_dapt")
@@ -108,6 +111,7 @@ def resolve_model_source(name_or_path: str | Path, gguf_file: str | None = None)
             raise ModelLoadError(
                 f"{p} is a directory but has no config.json or .gguf file: not a model directory"
             )
+        _refuse_pickle_weights(p)
         return p
     text = str(name_or_path)
     if not is_hub_id(text):
@@ -116,6 +120,69 @@ def resolve_model_source(name_or_path: str | Path, gguf_file: str | None = None)
             "with config.json and weights, a .gguf file, or a hub id like 'org/name' (needs network)."
         )
     return str(name_or_path)
+
+
+def _refuse_pickle_weights(directory: Path) -> None:
+    """A model directory whose weights are only pickle files (``pytorch_model*.bin``, ``*.pt``) is refused:
+    loading them unpickles a stranger's file, which can run any code. safetensors files cannot."""
+    if any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(
+        f.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in directory.glob(pattern)
+    )
+    if pickles:
+        raise ModelLoadError(
+            f"{directory} holds its weights only as pickle files ({', '.join(pickles[:3])}): lora_dapt does not "
+            "load them, since unpickling a file can run any code in it. Convert the weights to safetensors "
+            "where you trust them (model.save_pretrained(dir, safe_serialization=True)), or use a "
+            "directory with model.safetensors"
+        )
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence a model's config says it was trained for (``max_position_embeddings``, GPT-2's
+    ``n_positions``), or None when it does not say."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(config: Any, seq_len: int, key: str = "data.seq_len", where: str = "the model") -> None:
+    """Refuse blocks longer than the model's context (``max_position_embeddings``): positions past it were
+    never trained (and rotary or learned position tables do not extrapolate reliably).
+
+    Called where corpus and model meet: :func:`lora_dapt.run` before the corpus is prepared (the model's
+    config.json is all it needs), and ``continued_pretrain`` for blocks prepared elsewhere.
+    """
+    limit = context_length(config)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(
+            f"{key} = {seq_len:,}: longer than the context of {where} (max_position_embeddings = {limit:,}); "
+            f"set {key} to at most {limit:,}"
+        )
+
+
+def tokenizer_before_load(config: ModelConfig, seq_len: int | None = None, key: str = "data.seq_len") -> Any:
+    """The tokenizer of ``config``'s model, read before (and without) loading any weights: from a GGUF
+    file itself, not its dequantized copy. With ``seq_len``, also :func:`check_seq_len` against the model's
+    config, so that a run fails on its inputs before the slow model load.
+    """
+    found = find_gguf(config.name_or_path, config.gguf_file)
+    source: str | Path = found[0] if found else resolve_model_source(config.name_or_path)
+    kwargs: dict[str, Any] = {"gguf_file": found[1]} if found else {}
+    if seq_len is not None:
+        from transformers import AutoConfig
+
+        try:
+            model_config = AutoConfig.from_pretrained(
+                str(source), trust_remote_code=config.trust_remote_code, **kwargs
+            )
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot read the model config of {source!s}: {e}") from None
+        check_seq_len(model_config, seq_len, key, config.name_or_path)
+    return load_tokenizer(source, trust_remote_code=config.trust_remote_code, **kwargs)
 
 
 @dataclass(frozen=True)

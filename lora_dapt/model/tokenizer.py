@@ -15,6 +15,10 @@ from ..errors import ModelLoadError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 """Files of which at least one is in every directory a tokenizer was saved to."""
 
+TOKENIZER_LOOKED_FOR = (*TOKENIZER_FILES, "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
+"""Every file a tokenizer can be loaded from (fast, sentencepiece, BPE vocab/merges, WordPiece)."""
+
+
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|finetune_right_pad|>")
 """Dedicated padding tokens a vocabulary may already have, in order of preference."""
 
@@ -68,6 +72,12 @@ def load_raw_tokenizer(
     comes from); a tokenizer that cannot be read is a :class:`ModelLoadError` naming the path."""
     from transformers import AutoTokenizer
 
+    local = Path(name_or_path)
+    if not gguf_file and local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_LOOKED_FOR):
+        raise ModelLoadError(
+            f"{local} has no tokenizer files (looked for {', '.join(TOKENIZER_LOOKED_FOR)}): copy the "
+            "tokenizer of the model into it (tokenizer.save_pretrained(...)), or point at a directory that has one"
+        )
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
