@@ -2,7 +2,8 @@
 
 The only place that takes the whole RunConfig; every stage below gets its own small config.
 Order: tokenizer -> corpus (fails fast on bad data, before the slow model load) -> 4-bit base -> LoRA ->
-continued pre-training with before/after evaluation -> optional merge.
+continued pre-training with before/after evaluation -> optional merge (only of a run that finished and
+received no signal: a Ctrl-C during the evaluation after training asked for no more work).
 """
 
 from __future__ import annotations
@@ -29,14 +30,18 @@ def run(config: RunConfig) -> TrainResult:
     from transformers import set_seed
 
     from .data.corpus import prepare_corpus
-    from .model.load import load_base_model_from, load_tokenizer, resolve_model_source
+    from .evaluate.forgetting import general_texts
+    from .model.load import load_base_model_from, tokenizer_before_load
     from .model.lora import apply_lora
     from .train.pretrain import continued_pretrain
 
     config.check()
     m = config.model
-    source = resolve_model_source(m.name_or_path, m.gguf_file)
-    tokenizer = load_tokenizer(source, trust_remote_code=m.trust_remote_code)
+    # every input fails here, before the slow model load (or a GGUF's dequantization): the tokenizer,
+    # data.seq_len against the model's context (its config), every source list
+    tokenizer = tokenizer_before_load(m, config.data.seq_len)
+    ev = config.eval
+    general = general_texts(ev.general_sources) if ev.enabled and ev.general and ev.general_sources else None
     corpus = prepare_corpus(config.data.sources, tokenizer, config.data)
     log.info("corpus ready:\n%s", _summary(corpus))
     loaded = load_base_model_from(m)
@@ -49,10 +54,11 @@ def run(config: RunConfig) -> TrainResult:
         config.train,
         eval_config=config.eval,
         run_config=config,
+        general_texts=general,
         model_source=loaded.source,
     )
     del loaded
-    if config.merge.enabled and result.stopped is None:
+    if config.merge.enabled and result.stopped is None and result.signal is None:
         from .export.merge import merge_run
 
         del model  # the merge reloads the base in 16-bit; free the 4-bit copy first

@@ -283,8 +283,8 @@ def test_fresh_run_in_old_directory_replaces_old_checkpoints(tiny_model_dir, tmp
     assert (tmp_path / "checkpoints" / "checkpoint-4").is_dir()
     model, tok = qlora(tiny_model_dir)
     with caplog.at_level("WARNING", logger="lora_dapt"):
-        continued_pretrain(model, tok, ds, cfg.replace(max_steps=2), eval_config=NO_EVAL)
-    assert "replacing the previous run's metrics log and 2 checkpoint(s)" in caplog.text
+        continued_pretrain(model, tok, ds, cfg.replace(max_steps=2, overwrite=True), eval_config=NO_EVAL)
+    assert "train.overwrite: starting a fresh run" in caplog.text and "2 checkpoint(s)" in caplog.text
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -380,7 +380,10 @@ def test_evaluation_rows_and_a_resume_reuses_the_base_scores(tiny_model_dir, tmp
         *[("during", split, 4) for split in ("domain", "general")],
         *[("after", split, 4) for split in ("domain", "general")],
     ]
-    assert run.read_eval_before() == result.before and set(result.before) == {"domain", "general"}
+    stored = run.read_eval_before()
+    assert set(result.before) == {"domain", "general"}
+    assert {k: v for k, v in stored.items() if k != "scored_with"} == result.before
+    assert stored["scored_with"]["domain_tokens"] == result.before["domain"]["tokens"]  # what it scored
     assert run.read_eval_texts() == corpus.eval_documents
     assert result.after["domain"]["loss"] != result.before["domain"]["loss"]
     assert set(result.forgetting) and result.stopped is None

@@ -1,7 +1,9 @@
 """The ``lora-dapt`` command line.
 
 Each subcommand is a thin wrapper over the Python API; errors the user can fix (``LoraDaptError``) are
-printed as one readable message with exit status 2, never as a traceback.
+printed as one readable message with exit status 2, never as a traceback. ``train`` and ``sft`` exit with
+the status of :meth:`~lora_dapt.train.pretrain.TrainResult.exit_status` (see :data:`EXIT_CODES`), so
+``lora-dapt train x.yaml && lora-dapt merge RUN`` never merges a run that was stopped early.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +31,23 @@ examples:
   lora-dapt config                              # every config key with its default and meaning
 """
 
+EXIT_HELP = """\
+exit status of `train` and `sft`:
+  0    the run finished
+  2    an error (a bad config, missing data, a model that does not load, a NaN/inf loss that stopped
+       training: train.on_nonfinite='stop'); the message says what to fix
+  3    stopped early by the forgetting budget (eval.max_general_ppl_increase); adapter and checkpoint saved
+  130  stopped by Ctrl-C (SIGINT)
+  143  stopped by SIGTERM
+       A first signal stops at the next safe point: after the current step (with a checkpoint), or after
+       the evaluation under way; a second one stops at once. Resume with --set train.resume_from=latest.
+       A signal during the evaluation after training lets it finish (the run is complete) and still exits
+       130/143, without the merge
+"""
+
+EXIT_CODES = {"finished": 0, "error": 2, "forgetting budget": 3, "SIGINT": 130, "SIGTERM": 143}
+"""Exit status of ``train`` / ``sft`` by outcome (the --help epilog explains each)."""
+
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
@@ -46,13 +66,14 @@ def _load_config(args: argparse.Namespace, *, check: bool = True):
 
 
 def _print_result(result) -> int:
-    """A finished run's summary (without the per-split details) and its before -> after table."""
+    """A run's summary (without the per-split details) and its before -> after table; returns the exit
+    status (:data:`EXIT_CODES`)."""
     print(json.dumps({k: v for k, v in result.to_dict().items() if k not in ("before", "after")}, indent=2))
     if result.forgetting:
         from ..evaluate.forgetting import format_forgetting
 
         print(format_forgetting(result.forgetting))
-    return 0
+    return result.exit_status()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -191,13 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-dapt",
         description="Domain-adaptive continued pre-training of causal LMs with LoRA/QLoRA.",
-        epilog=EPILOG,
+        epilog=EPILOG + "\n" + EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (func, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXIT_HELP if name in ("train", "sft") else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(func=func)
         if name in ("train", "prepare", "sft"):
             p.add_argument("config", help="YAML config file (see `lora-dapt config` for every key)")
@@ -263,9 +290,23 @@ def main(argv: list[str] | None = None) -> int:
     except LoraDaptError as e:
         print(f"lora-dapt {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lora-dapt {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        status = _interrupted_status(e)
+        how = " (resume with --set train.resume_from=latest)" if args.command in ("train", "sft") else ""
+        print(
+            f"lora-dapt {args.command}: interrupted by {signal.Signals(status - 128).name}{how}",
+            file=sys.stderr,
+        )
+        return status
+
+
+def _interrupted_status(err: KeyboardInterrupt) -> int:
+    """128 + the signal's number: a second SIGTERM during training is a RunInterrupted naming it; any other
+    KeyboardInterrupt is Ctrl-C (130)."""
+    trainer = sys.modules.get("lora_dapt.train.trainer")  # only a loaded trainer can have raised one
+    if trainer is not None and isinstance(err, trainer.RunInterrupted):
+        return 128 + err.signum
+    return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":  # pragma: no cover

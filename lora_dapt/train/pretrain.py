@@ -9,14 +9,23 @@ checks, Ctrl-C / SIGTERM handling. The run directory is :class:`~lora_dapt.rundi
 * crash-safe checkpoints: a checkpoint counts only once its completion marker is written (after every file
   of it is on disk), ``resume_from="latest"`` skips incomplete or corrupt ones, and the metrics log is cut
   back to the checkpoint's step so no step appears twice;
-* a fresh start in an old directory replaces the previous run's checkpoints and log (with a warning);
-* the evaluation before training is kept (``eval_before.json``), so a resumed run compares with the base,
-  and periodic evaluation can stop the run when a forgetting budget is exceeded.
+* one run at a time per directory (a lock); a fresh start in a directory that holds a run is refused
+  unless ``train.overwrite`` (then the previous run's checkpoints, log and adapter are replaced, with a
+  warning) or ``train.resume_from`` is set;
+* the evaluation before training is kept (``eval_before.json``, with what it scored), so a resumed run
+  compares with the base on the same tokens, and periodic evaluation can stop the run when a forgetting
+  budget is exceeded;
+* a resume under a changed config is checked before anything is written
+  (:mod:`lora_dapt.train.resume_config`): what cannot resume is refused naming each key, the rest is
+  logged and applied from the current step (a new length rebuilds the schedule);
+* a first SIGINT / SIGTERM stops at the next safe point (after the step, with a checkpoint; after the
+  evaluation under way), a second at once; :meth:`TrainResult.exit_status` is what the CLI exits with.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,9 +34,17 @@ import torch
 
 from ..config import EvalConfig, RunConfig, TrainConfig
 from ..errors import DataError, TrainingError
-from ..evaluate.forgetting import evaluate_splits
 from ..model.load import ModelSource
 from ..rundir import Resume, RunDir
+from .evaluation import RunEvaluation, run_general_texts
+from .resume_config import (
+    ApplyCurrentSchedule,
+    check_general_texts,
+    check_resume_config,
+    log_resume_length,
+    pinned_eval_config,
+    recorded_before,
+)
 from .schedule import total_optimizer_steps
 from .trainer import DAPTTrainer, RunState, _SignalGuard, build_trainer
 
@@ -53,9 +70,24 @@ class TrainResult:
     """None when the run finished; else why it stopped early ('interrupted', 'forgetting budget ...')."""
     skipped_steps: int = 0
     """Updates skipped for a non-finite loss or gradient (train.on_nonfinite='skip')."""
+    signal: str | None = None
+    """The signal ('SIGINT', 'SIGTERM') received during the run, if any; it stopped the run, unless it came
+    during the evaluation after training (which then finished: the run is complete)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def exit_status(self) -> int:
+        """What ``lora-dapt train`` / ``sft`` exit with: 0 finished, 128 + the signal's number after a signal
+        (130 SIGINT, 143 SIGTERM), :data:`EXIT_STOPPED_EARLY` (3) when a rule stopped it early (the forgetting
+        budget). Errors exit 2 (the CLI), a NaN stop included (a TrainingError)."""
+        if self.signal is not None:
+            return 128 + int(signal.Signals[self.signal])
+        return EXIT_STOPPED_EARLY if self.stopped is not None else 0
+
+
+EXIT_STOPPED_EARLY = 3
+"""Exit status of a run stopped early by a rule: the forgetting budget (eval.max_general_ppl_increase)."""
 
 
 def continued_pretrain(
@@ -95,46 +127,87 @@ def continued_pretrain(
         print(result.after["domain"]["ppl"])
     """
     cfg = config or TrainConfig()
-    eval_cfg = eval_config or EvalConfig()
+    # run.start locks the directory against a second run; leaving the block (success, error) unlocks it
+    with RunDir(cfg.output_dir) as run:
+        return _train(
+            run,
+            model,
+            tokenizer,
+            corpus,
+            cfg,
+            eval_config or EvalConfig(),
+            run_config=run_config,
+            general_texts=general_texts,
+            callbacks=callbacks,
+            model_source=model_source,
+        )
+
+
+def _train(
+    run: RunDir,
+    model: Any,
+    tokenizer: Any,
+    corpus: Any,
+    cfg: TrainConfig,
+    eval_cfg: EvalConfig,
+    *,
+    run_config: RunConfig | None,
+    general_texts: list[str] | None,
+    callbacks: list[Any] | None,
+    model_source: ModelSource | None,
+) -> TrainResult:
+    """:func:`continued_pretrain` inside its run directory (whose lock ``run.start`` takes)."""
     train_ds, eval_ds = _split(corpus)
     seq_len = _check_inputs(model, train_ds, cfg)
+    total_steps = total_optimizer_steps(len(train_ds), cfg, seq_len)
     _prepare_model(model)
-
-    # -- setup: the run directory (resume or fresh start), its config and run info ---------------------
-    run = RunDir(cfg.output_dir)
-    resume = run.start(cfg.resume_from)
     source = model_source or ModelSource.of_model(model)
+
+    # -- setup: a resume's config checked against the run's (before anything is written), then the run
+    #    directory (resume or fresh start), its config and run info ------------------------------------
+    check_resume_config(run, cfg, run_config or _assembled_config(model, source, cfg, eval_cfg), total_steps)
+    resume = run.start(cfg.resume_from, overwrite=cfg.overwrite)
+    log_resume_length(resume, total_steps, cfg)
+    recorded = recorded_before(run, resume)  # what the 'before' evaluation of a resumed run scored
+    eval_cfg = pinned_eval_config(eval_cfg, recorded)
     _save_run_files(run, model, source, cfg, eval_cfg, run_config, corpus)
     state = RunState(checkpoint_bytes=_checkpoint_bytes(model))
     run.check_disk_space(state.checkpoint_bytes * 2, "checkpoints and the adapter")
+    general = run_general_texts(general_texts, eval_cfg)
+    check_general_texts(recorded, general)
+    evaluation = RunEvaluation(model, tokenizer, eval_ds, general, eval_cfg, run)
 
-    # -- evaluate the base -----------------------------------------------------------------------------
-    general = _general_texts(general_texts, eval_cfg)
-    evaluation = _Evaluation(model, tokenizer, eval_ds, general, eval_cfg, run)
-    before = evaluation.before(resumed=resume is not None)
+    # a first SIGINT/SIGTERM stops at the next safe point: after the evaluation, or the step, under way
+    with _SignalGuard(state):
+        # -- evaluate the base -------------------------------------------------------------------------
+        state.phase = "the evaluation before training"
+        before = _evaluate_base(evaluation, run, resume)
+        if state.signal:
+            return _stopped_before_training(run, state, resume, before)
 
-    # -- fit -------------------------------------------------------------------------------------------
-    total_steps = total_optimizer_steps(len(train_ds), cfg, seq_len)
-    trainer = build_trainer(
-        model,
-        train_ds,
-        cfg,
-        run,
-        state,
-        total_steps=total_steps,
-        compute_dtype=source.compute_dtype,
-        evaluate=evaluation.during if eval_cfg.enabled else None,
-        callbacks=callbacks,
-        tokens_start=resume.tokens if resume else 0,
-    )
-    wall = _fit(trainer, resume, total_steps, state, cfg, seq_len)
+        # -- fit ---------------------------------------------------------------------------------------
+        state.phase = "training"
+        trainer = build_trainer(
+            model,
+            train_ds,
+            cfg,
+            run,
+            state,
+            total_steps=total_steps,
+            compute_dtype=source.compute_dtype,
+            evaluate=evaluation.during if eval_cfg.enabled else None,
+            callbacks=[ApplyCurrentSchedule(cfg), *(callbacks or [])],
+            tokens_start=resume.tokens if resume else 0,
+        )
+        wall = _fit(trainer, resume, total_steps, cfg, seq_len)
 
-    # -- save the adapter, evaluate it -----------------------------------------------------------------
-    run.check_disk_space(state.checkpoint_bytes, "the adapter")
-    model.save_pretrained(str(run.adapter_dir))
-    tokenizer.save_pretrained(str(run.adapter_dir))
-    step, tokens = int(trainer.state.global_step), int(trainer.state.num_input_tokens_seen)
-    after = {} if state.interrupted else evaluation.after(step, tokens)
+        # -- save the adapter, evaluate it -------------------------------------------------------------
+        state.phase = "the evaluation after training"
+        run.check_disk_space(state.checkpoint_bytes, "the adapter")
+        model.save_pretrained(str(run.adapter_dir))
+        tokenizer.save_pretrained(str(run.adapter_dir))
+        step, tokens = int(trainer.state.global_step), int(trainer.state.num_input_tokens_seen)
+        after = {} if state.interrupted else evaluation.after(step, tokens)
 
     # -- summary and report ----------------------------------------------------------------------------
     result = _result(run, state, step, tokens, tokens - trainer.tokens_start, wall, before, after)
@@ -180,7 +253,11 @@ def _check_inputs(model: Any, train_ds: Any, cfg: TrainConfig) -> int:
             f"train.optimizer = {cfg.optimizer!r} needs a CUDA GPU (bitsandbytes 8-bit optimizers); "
             "use 'adamw' on the CPU"
         )
-    return len(train_ds[0]["input_ids"])
+    seq_len = len(train_ds[0]["input_ids"])
+    from ..model.load import check_seq_len  # blocks prepared elsewhere meet the model here first
+
+    check_seq_len(getattr(model, "config", None), seq_len, "seq_len (of the training blocks)")
+    return seq_len
 
 
 def _prepare_model(model: Any) -> None:
@@ -225,6 +302,9 @@ def _assembled_config(
             "r": peft_cfg.r,
             "alpha": peft_cfg.lora_alpha,
             "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+            "use_rslora": bool(peft_cfg.use_rslora),
+            "use_dora": bool(peft_cfg.use_dora),
+            "train_embeddings": bool(peft_cfg.modules_to_save),
         },
         # an SFTConfig is a TrainConfig with more keys: keep the ones the train section knows
         "train": {k: v for k, v in cfg.to_dict().items() if k in TrainConfig.__dataclass_fields__},
@@ -238,83 +318,59 @@ def _checkpoint_bytes(model: Any) -> int:
     return int(trainable * 4 * 3 * 1.2) + (16 << 20)
 
 
-def _general_texts(texts: list[str] | None, eval_cfg: EvalConfig) -> list[str] | None:
-    """The general-domain texts of the forgetting measurement: the caller's, else EvalConfig's sources or the
-    built-in sample (None when general evaluation is off)."""
-    if texts is not None or not (eval_cfg.general and eval_cfg.enabled):
-        return texts
-    from ..evaluate.forgetting import general_texts
-
-    return general_texts(eval_cfg.general_sources or None)
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Evaluate (before, during, after)
-# -------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Evaluation:
-    """The before / during / after evaluation of one run (rows go to the metrics log)."""
-
-    model: Any
-    tokenizer: Any
-    eval_ds: Any
-    general_texts: list[str] | None
-    cfg: EvalConfig
-    run: RunDir
-    general_before: float | None = None
-    """General-text perplexity of the base: the reference of the forgetting budget."""
-
-    def _evaluate(self, step: int, phase: str, tokens: int = 0) -> dict[str, Any]:
-        return evaluate_splits(
-            self.model,
-            self.tokenizer,
-            self.eval_ds,
-            self.general_texts,
-            self.cfg,
-            step=step,
-            phase=phase,
-            run_dir=self.run.path,
-            tokens_trained=tokens,
-        )
-
-    def before(self, *, resumed: bool) -> dict[str, Any]:
-        """The base model's scores; a resumed run reuses the ones its first session measured."""
-        if not self.cfg.enabled:
-            return {}
-        before = self.run.read_eval_before() if resumed else None
-        if before is None:
-            before = self._evaluate(0, "before")
-            self.run.write_eval_before(before)
-        self.general_before = (before.get("general") or {}).get("ppl")
-        return before
-
-    def during(self, step: int, tokens: int) -> str | None:
-        """Evaluate mid-run; returns why the run must stop (forgetting budget exceeded), or None."""
-        now = (self._evaluate(step, "during", tokens).get("general") or {}).get("ppl")
-        budget, base = self.cfg.max_general_ppl_increase, self.general_before
-        if budget and base and now and now > base * (1 + budget):
-            return (
-                f"forgetting budget exceeded at step {step}: general ppl {base:.3f} -> {now:.3f} "
-                f"(+{100 * (now / base - 1):.1f}% > {100 * budget:.1f}%)"
-            )
-        return None
-
-    def after(self, step: int, tokens: int) -> dict[str, Any]:
-        return self._evaluate(step, "after", tokens) if self.cfg.enabled else {}
-
-
 # -------------------------------------------------------------------------------------------------------------
 # Fit
 # -------------------------------------------------------------------------------------------------------------
+
+
+def _evaluate_base(evaluation: RunEvaluation, run: RunDir, resume: Resume | None) -> dict[str, Any]:
+    """The 'before' evaluation. Aborted by a second signal in a fresh session, it leaves no metrics log: the
+    directory then holds no run, and the same command starts it again."""
+    try:
+        return evaluation.before(resumed=resume is not None)
+    except KeyboardInterrupt:
+        if resume is None:
+            run.clear_previous_run()
+        raise
+
+
+def _stopped_before_training(
+    run: RunDir, state: RunState, resume: Resume | None, before: dict[str, Any]
+) -> TrainResult:
+    """A signal came during the 'before' evaluation, which finished: stop before training.
+
+    A fresh session drops what it logged (the metrics log, ``eval_before.json``), so the directory holds no
+    run (nothing was trained) and the same command starts it again; a resumed session keeps everything (its
+    'before' scores included) and resumes from its checkpoint again."""
+    state.stopped = f"interrupted by {state.signal} during the evaluation before training"
+    if resume is None:
+        run.clear_previous_run()
+        how = "nothing was trained; run the same command again to start the run"
+    else:
+        how = (
+            f"the checkpoint at step {resume.step} is kept; resume with train.resume_from='latest' "
+            "(CLI: lora-dapt train CONFIG.yaml --set train.resume_from=latest)"
+        )
+    log.warning("%s: stopped before training; %s", state.stopped, how)
+    return TrainResult(
+        output_dir=str(run.path),
+        adapter_dir=str(run.adapter_dir),
+        steps=resume.step if resume else 0,
+        tokens_trained=resume.tokens if resume else 0,
+        final_loss=None,
+        tokens_per_s=0.0,
+        wall_time_s=0.0,
+        peak_memory_bytes=0,
+        before=before,
+        stopped=state.stopped,
+        signal=state.signal,
+    )
 
 
 def _fit(
     trainer: DAPTTrainer,
     resume: Resume | None,
     total_steps: int,
-    state: RunState,
     cfg: TrainConfig,
     seq_len: int,
 ) -> float:
@@ -330,8 +386,7 @@ def _fit(
             trainer.state.global_step = resume.step
             trainer.state.num_input_tokens_seen = resume.tokens
         else:
-            with _SignalGuard(state):
-                trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume else None)
+            trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume else None)
     except torch.OutOfMemoryError as e:
         raise TrainingError(_oom_advice(cfg, seq_len, e)) from None
     return time.time() - t0
@@ -380,6 +435,7 @@ def _result(
         forgetting=forgetting_report(before, after) if before and after else {},
         stopped=state.stopped,
         skipped_steps=state.skipped_steps,
+        signal=state.signal,
     )
 
 
@@ -391,7 +447,15 @@ def _stats_dict(corpus: Any) -> dict[str, Any]:
 
 
 def _finish(run: RunDir, result: TrainResult, *, interrupted: bool) -> None:
-    """An interrupted run says how to resume; a finished one gets its report."""
+    """An interrupted run says how to resume; a finished one gets its report (and says when a signal came
+    during its evaluation after training, which it finished)."""
+    if result.signal is not None and not interrupted:
+        log.warning(
+            "%s received during the evaluation after training: finished it; the run is complete (nothing to "
+            "resume), exit status %d because of the signal",
+            result.signal,
+            result.exit_status(),
+        )
     if interrupted:
         log.warning(
             "run interrupted at step %d; checkpoint saved. Resume with train.resume_from='latest' "
