@@ -11,14 +11,17 @@ from-disk entry points (``merge_run``, ``sft`` on a run directory, ``lora-dapt r
       eval_before.json        the evaluation before training (a resume reuses it)
       eval_texts.json         up to 256 held-out documents (merge verification, `lora-dapt eval`)
       summary.json            the TrainResult, plus the corpus stats
-      checkpoints/checkpoint-N/   Trainer checkpoints; one counts only once lora_dapt_complete.json is in it
+      checkpoints/checkpoint-N/   Trainer checkpoints; one counts only once lora_dapt_complete.json (each
+                              file's size and sha256) is in it and every file matches (checkpoints.py)
+      lora_dapt.lock          flock'ed by the run training here (it holds that run's PID)
       adapter/                the final adapter and its tokenizer
       report.md, plots/       the report (evaluate.report)
       merged/                 the merged 16-bit model (export.merge)
 
 Writes of JSON files go to a temporary file first and are renamed over the old one, so a crash leaves the
 old or the new file, never half of one. The metrics log is appended line by line; a line cut short by a
-crash is skipped (with a warning) when it is read back.
+crash is skipped (with a warning) when it is read back. One run at a time: :meth:`RunDir.start` takes the
+directory's lock and :meth:`RunDir.close` (or leaving ``with RunDir(...) as run:``) releases it.
 """
 
 from __future__ import annotations
@@ -27,10 +30,22 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .checkpoints import (
+    COMPLETE_MARKER,
+    Resume,
+    RunLock,
+    checkpoint_dirs,
+    checkpoint_problem,
+    find_resume_checkpoint,
+    rotate_checkpoints,
+    start_run,
+    write_marker,
+)
 from .errors import RunDirError, TrainingError
 
 if TYPE_CHECKING:
@@ -40,8 +55,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("lora_dapt")
 _Section = TypeVar("_Section")
 
-COMPLETE_MARKER = "lora_dapt_complete.json"
-"""Written into a checkpoint after every file of it is on disk; a checkpoint without it does not count."""
+__all__ = [  # the checkpoint functions live in checkpoints.py; RunDir is how the rest of lora_dapt uses them
+    "COMPLETE_MARKER",
+    "EVAL_TEXTS_KEPT",
+    "MERGE_REPORT",
+    "EvalRow",
+    "Resume",
+    "RunDir",
+    "TrainRow",
+    "check_disk_space",
+    "checkpoint_dirs",
+    "checkpoint_problem",
+    "find_resume_checkpoint",
+    "write_json_atomic",
+]
 MERGE_REPORT = "merge_report.json"
 """The verification report export.merge writes into every merged model directory."""
 EVAL_TEXTS_KEPT = 256
@@ -101,23 +128,6 @@ class EvalRow:
         }
 
 
-@dataclass(frozen=True)
-class Resume:
-    """The checkpoint a run continues from (:meth:`RunDir.start`), and how far that run had got."""
-
-    checkpoint: Path
-    step: int
-    """Optimizer steps done (the Trainer's ``global_step``)."""
-    tokens: int
-    """Tokens trained so far (the Trainer's ``num_input_tokens_seen``)."""
-
-    def adapter_weights(self) -> dict[str, Any]:
-        """The adapter tensors saved in the checkpoint (for a run whose every step is already done)."""
-        from safetensors.torch import load_file
-
-        return load_file(str(self.checkpoint / "adapter_model.safetensors"))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # File helpers
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,17 +173,38 @@ class RunDir:
     ``RunDir(path)`` names a directory that may not exist yet (training creates it with :meth:`create`);
     :meth:`open` is for reading a run back and refuses a path that is not a directory.
 
+    Training holds the directory's lock from :meth:`start` to :meth:`close`; use it as a context manager so
+    the lock goes with the run, whatever way the run ends.
+
     Example::
 
         run = RunDir.open("runs/demo")
         rows = [r for r in run.read_metrics() if r["type"] == "train"]
         source = run.read_run_info()        # a ModelSource: what the adapter was trained on
+
+        with RunDir("runs/demo") as run:
+            resume = run.start("latest")    # locked until the block is left
     """
 
     path: Path
+    _lock: RunLock | None = field(default=None, init=False, repr=False, compare=False)
+    _resumed_from: Path | None = field(default=None, init=False, repr=False, compare=False)
+    """The checkpoint this session resumed from: rotation never deletes it."""
 
     def __post_init__(self) -> None:
         self.path = Path(self.path).expanduser()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the directory's lock (taken by :meth:`start`); a no-op when not held."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- opening -------------------------------------------------------------------------------------------
     @classmethod
@@ -440,115 +471,94 @@ class RunDir:
         return checkpoint_dirs(self.path)
 
     def mark_complete(self, step: int, tokens: int) -> bool:
-        """Write the completion marker into checkpoint ``step`` (after all its files are saved); False when
+        """Write the completion marker into checkpoint ``step``, after all its files are saved: each file's
+        size and sha256, every file fsynced first (:func:`~lora_dapt.checkpoints.write_marker`); False when
         that checkpoint does not exist."""
         ckpt = self.checkpoint_dir(step)
         if not ckpt.is_dir():
             return False
-        write_json_atomic(ckpt / COMPLETE_MARKER, {"step": step, "tokens": tokens})
+        write_marker(ckpt, step, tokens)
         return True
 
+    def rotate_checkpoints(self, newest: int, keep: int) -> list[Path]:
+        """Once checkpoint ``newest`` is marked: delete all but the ``keep`` newest complete checkpoints (and
+        never the one this session resumed from); returns the deleted directories."""
+        deleted = rotate_checkpoints(self.path, newest, keep, protect=self._resumed_from)
+        for ckpt in deleted:
+            log.debug("rotated out %s", ckpt)
+        return deleted
+
     def find_resume_checkpoint(self, resume_from: str) -> Path | None:
-        """Resolve ``resume_from`` ('latest' or a path); see :func:`find_resume_checkpoint`."""
+        """Resolve ``resume_from`` ('latest' or a path); see :func:`~lora_dapt.checkpoints.find_resume_checkpoint`."""
         return find_resume_checkpoint(self.path, resume_from)
 
-    def start(self, resume_from: str | None) -> Resume | None:
-        """Make the directory ready for training; the checkpoint to continue from, or None for a fresh start.
+    def start(
+        self,
+        resume_from: str | None,
+        *,
+        overwrite: bool = False,
+        before_resume: Callable[[Resume], None] | None = None,
+    ) -> Resume | None:
+        """Lock the directory and make it ready for training; the checkpoint to continue from, or None for a
+        fresh start.
 
-        Resume (``resume_from`` 'latest' or a checkpoint path, see :func:`find_resume_checkpoint`): the metrics
-        log is cut back to the checkpoint's step, so no step appears twice. Fresh start: an earlier run's
-        checkpoints and metrics log are deleted (with a warning), or they would mix with the new run's.
+        * The lock: a second process gets a TrainingError naming the PID that holds the directory. It is
+          held until :meth:`close`; released on any error raised here.
+        * Resume (``resume_from`` 'latest' or a checkpoint path): the newest checkpoint that passes
+          :func:`~lora_dapt.checkpoints.checkpoint_problem`; the metrics log is cut back to its step and
+          the checkpoints saved after it are deleted, so no step appears twice. 'latest' in a directory
+          that holds a run but no usable checkpoint is refused (naming what was found and why each
+          checkpoint is unusable), and nothing is deleted; in a directory without a run it starts fresh.
+        * Fresh start in a directory that holds a run (checkpoints, a metrics log, an adapter, a summary):
+          refused unless ``overwrite``, which deletes that run's files (with a warning).
+
+        ``before_resume(resume)`` is called once the checkpoint is chosen, under the lock and before anything
+        is changed: it may refuse the resume by raising (a changed config, say).
         """
         self.create()
-        ckpt = self.find_resume_checkpoint(resume_from) if resume_from else None
-        if ckpt is not None:
-            state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-            resume = Resume(ckpt, int(state["global_step"]), int(state.get("num_input_tokens_seen", 0)))
-            self.truncate_metrics(resume.step)
-            log.info("resuming from %s (step %d)", ckpt, resume.step)
-            return resume
-        if self.has_previous_run():
-            log.warning(
-                "starting a fresh run in %s: replacing the previous run's metrics log and %d checkpoint(s) "
-                "(set train.resume_from=latest to continue it instead)",
-                self.path,
-                len(self.checkpoints()),
+        if self._lock is None:
+            self._lock = RunLock.acquire(self.path)
+        try:
+            resume = start_run(self, resume_from, overwrite=overwrite, before_resume=before_resume)
+        except BaseException:
+            self.close()
+            raise
+        self._resumed_from = resume.checkpoint if resume else None
+        return resume
+
+    def previous_run(self) -> list[str]:
+        """What an earlier run left here (checkpoints, the metrics log, the adapter, the summary), one short
+        description each; [] when there is none."""
+        found = []
+        ckpts = self.checkpoints()
+        if ckpts:
+            names = ", ".join(p.name for p in ckpts[:3]) + (", ..." if len(ckpts) > 3 else "")
+            found.append(f"{len(ckpts)} checkpoint(s): {names}")
+        if self.metrics_path.exists():
+            steps = [r.get("step") for r in self.read_metrics() if r.get("type") == "train"]
+            last = max((s for s in steps if isinstance(s, int)), default=None)
+            found.append(
+                f"metrics.jsonl with {len(steps)} train row(s)" + (f" up to step {last}" if last else "")
             )
-            self.clear_previous_run()
-        return None
+        if self.adapter_dir.exists():
+            found.append("adapter/")
+        if self.summary_path.exists():
+            found.append("summary.json")
+        return found
 
     def has_previous_run(self) -> bool:
-        """True when checkpoints or a metrics log of an earlier run are here."""
-        return bool(self.checkpoints()) or self.metrics_path.exists()
+        """True when checkpoints, a metrics log, an adapter or a summary of an earlier run are here."""
+        return bool(self.previous_run())
 
     def clear_previous_run(self) -> int:
-        """Delete an earlier run's checkpoints and metrics log (a fresh start); returns the checkpoints removed."""
+        """Delete an earlier run's checkpoints, metrics log, adapter, summary, evaluation before training and
+        report (a fresh start with ``train.overwrite``); returns the checkpoints removed."""
         old = self.checkpoints()
-        for ckpt in old:
-            shutil.rmtree(ckpt, ignore_errors=True)
-        self.metrics_path.unlink(missing_ok=True)
+        for path in [*old, self.adapter_dir, self.plots_dir]:
+            shutil.rmtree(path, ignore_errors=True)
+        for path in (self.metrics_path, self.summary_path, self.eval_before_path, self.report_path):
+            path.unlink(missing_ok=True)
         return len(old)
 
     def check_disk_space(self, needed_bytes: int, what: str) -> None:
         check_disk_space(self.path, needed_bytes, what)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints (functions: the Trainer's callbacks and the tests use them on plain paths)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Checkpoint directories of a run, newest first (complete or not)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.glob("checkpoint-*"):
-        try:
-            found.append((int(p.name.rsplit("-", 1)[1]), p))
-        except ValueError:
-            continue
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from, or None when it is complete and readable."""
-    if not (ckpt / COMPLETE_MARKER).is_file():
-        return "no completion marker (the save was interrupted)"
-    try:
-        json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError) as e:
-        return f"trainer_state.json unreadable ({e})"
-    weights = ckpt / "adapter_model.safetensors"
-    if weights.is_file():
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(weights), framework="pt") as f:
-                list(f.keys())
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            return f"adapter weights corrupt ({type(e).__name__}: {e})"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (ckpt / name).is_file() or (ckpt / name).stat().st_size == 0:
-            return f"{name} missing or empty"
-    return None
-
-
-def find_resume_checkpoint(run_dir: Path, resume_from: str) -> Path | None:
-    """Resolve ``resume_from`` ('latest' or a path). 'latest' skips incomplete/corrupt checkpoints with a
-    warning; None when there is nothing to resume (a fresh start)."""
-    if resume_from != "latest":
-        p = Path(resume_from)
-        problem = checkpoint_problem(p) if p.is_dir() else "not a directory"
-        if problem:
-            raise TrainingError(
-                f"cannot resume from {p}: {problem}. Use resume_from='latest' to pick the newest good one"
-            )
-        return p
-    for ckpt in checkpoint_dirs(run_dir):
-        problem = checkpoint_problem(ckpt)
-        if problem is None:
-            return ckpt
-        log.warning("skipping checkpoint %s: %s", ckpt, problem)
-    return None

@@ -6,8 +6,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,61 +20,31 @@ from lora_dapt.data.packing import pack_documents
 from lora_dapt.errors import ModelLoadError, TrainingError
 from lora_dapt.model.load import load_base_model
 from lora_dapt.model.lora import apply_lora, load_adapter
-from lora_dapt.rundir import COMPLETE_MARKER, RunDir, find_resume_checkpoint
+from lora_dapt.rundir import COMPLETE_MARKER, find_resume_checkpoint
 from lora_dapt.train.pretrain import continued_pretrain
 
 from .conftest import make_text
-from .reliability_worker import MAX_STEPS
+from .reliability_worker import MAX_STEPS, finish, start_worker, train_rows, wait_rows
 
-ROOT = Path(__file__).resolve().parent.parent
 NO_EVAL = EvalConfig(enabled=False)
-
-
-def _start(model_dir: Path, out: Path, resume: str = "") -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.reliability_worker", str(model_dir), str(out), resume],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _train_rows(out: Path) -> list[dict]:
-    """The train rows logged so far (a row being written is skipped)."""
-    return [r for r in RunDir(out).read_metrics() if r.get("type") == "train"]
-
-
-def _wait_rows(proc: subprocess.Popen, out: Path, n: int, timeout: float = 180) -> None:
-    end = time.time() + timeout
-    while time.time() < end and proc.poll() is None:
-        if len(_train_rows(out)) >= n:
-            return
-        time.sleep(0.05)
-
-
-def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    stdout, stderr = proc.communicate(timeout=300)
-    return proc.returncode, stdout, stderr
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The adapter of an uninterrupted run."""
     out = tmp_path_factory.mktemp("reference")
-    code, stdout, stderr = _finish(_start(tiny_model_dir, out))
+    code, stdout, stderr = finish(start_worker(tiny_model_dir, out))
     assert code == 0, stderr[-2000:]
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
-def _assert_same_adapter(out: Path, reference: dict[str, torch.Tensor]) -> None:
+def assert_same_adapter(out: Path, reference: dict[str, torch.Tensor]) -> None:
+    """The run in ``out`` ended with the reference adapter, and logged every step exactly once."""
     got = load_file(out / "adapter" / "adapter_model.safetensors")
     assert got.keys() == reference.keys()
     for k in reference:
         assert torch.allclose(got[k], reference[k], atol=1e-5), k
-    steps = [r["step"] for r in _train_rows(out)]
+    steps = [r["step"] for r in train_rows(out)]
     assert steps == list(range(1, MAX_STEPS + 1)), steps  # every step exactly once
 
 
@@ -85,27 +53,29 @@ def test_sigkill_at_random_points_then_resume(tiny_model_dir, tmp_path, referenc
     out = tmp_path / "run"
     kills = 0
     for _ in range(3):
-        proc = _start(tiny_model_dir, out, "latest")
-        done = len(_train_rows(out))
-        _wait_rows(proc, out, rng.randint(min(done + 1, MAX_STEPS - 2), MAX_STEPS - 2))
+        proc = start_worker(tiny_model_dir, out, "latest")
+        done = len(train_rows(out))
+        # from the 3rd row on, checkpoint-2 is complete: a run killed before its first checkpoint holds
+        # nothing to resume, and resume_from=latest refuses it (test_rundir covers that refusal)
+        wait_rows(proc, out, rng.randint(max(3, min(done + 1, MAX_STEPS - 2)), MAX_STEPS - 2))
         time.sleep(rng.uniform(0, 0.4))  # land anywhere: mid-step, mid-save, mid-log
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
-        proc.communicate(timeout=60)
+        finish(proc, timeout=60)
     assert kills >= 2
-    code, stdout, stderr = _finish(_start(tiny_model_dir, out, "latest"))
+    code, stdout, stderr = finish(start_worker(tiny_model_dir, out, "latest"))
     assert code == 0, stderr[-3000:]
     assert json.loads(stdout.strip().splitlines()[-1])["steps"] == MAX_STEPS
-    _assert_same_adapter(out, reference)
+    assert_same_adapter(out, reference)
 
 
 def test_sigint_saves_checkpoint_and_resumes(tiny_model_dir, tmp_path, reference):
     out = tmp_path / "run"
-    proc = _start(tiny_model_dir, out)
-    _wait_rows(proc, out, 5)
+    proc = start_worker(tiny_model_dir, out)
+    wait_rows(proc, out, 5)
     proc.send_signal(signal.SIGINT)
-    code, stdout, stderr = _finish(proc)
+    code, stdout, stderr = finish(proc)
     assert code == 0, stderr[-3000:]
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["stopped"] == "interrupted by SIGINT"
@@ -113,9 +83,9 @@ def test_sigint_saves_checkpoint_and_resumes(tiny_model_dir, tmp_path, reference
     assert "resume_from='latest'" in stderr
     ckpt = find_resume_checkpoint(out, "latest")
     assert ckpt is not None and ckpt.name == f"checkpoint-{result['steps']}"  # saved at the step it stopped
-    code, stdout, stderr = _finish(_start(tiny_model_dir, out, "latest"))
+    code, stdout, stderr = finish(start_worker(tiny_model_dir, out, "latest"))
     assert code == 0, stderr[-3000:]
-    _assert_same_adapter(out, reference)
+    assert_same_adapter(out, reference)
 
 
 def _blocks(tok, n: int = 12) -> Dataset:
@@ -142,13 +112,16 @@ def test_corrupt_and_incomplete_checkpoints_are_skipped(tiny_model_dir, tmp_path
     assert find_resume_checkpoint(tmp_path, "latest") == ckpts / "checkpoint-6"
     # newest: weights cut in half (a crash while writing); next: no completion marker
     w = ckpts / "checkpoint-6" / "adapter_model.safetensors"
-    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    full = w.stat().st_size
+    w.write_bytes(w.read_bytes()[: full // 2])
     (ckpts / "checkpoint-4" / COMPLETE_MARKER).unlink()
     with caplog.at_level("WARNING", logger="lora_dapt"):
         assert find_resume_checkpoint(tmp_path, "latest") == ckpts / "checkpoint-2"
-    assert "checkpoint-6: adapter weights corrupt" in caplog.text
-    assert "checkpoint-4: no completion marker" in caplog.text
-    with pytest.raises(TrainingError, match="cannot resume from .*checkpoint-6: adapter weights corrupt"):
+    assert f"checkpoint-6: adapter_model.safetensors is {full // 2} bytes, {full} when saved" in caplog.text
+    assert "checkpoint-4: no completion marker (lora_dapt_complete.json missing" in caplog.text
+    with pytest.raises(
+        TrainingError, match="cannot resume from .*checkpoint-6: adapter_model.safetensors is"
+    ):
         find_resume_checkpoint(tmp_path, str(ckpts / "checkpoint-6"))
     # resuming goes on from step 2 and reaches the end
     model, tok = _model(tiny_model_dir)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from lora_dapt import ConfigError, MergeConfig, RunConfig, TrainConfig
 from lora_dapt.errors import RunDirError, TrainingError
@@ -25,16 +28,28 @@ from lora_dapt.rundir import (
     write_json_atomic,
 )
 
+CKPT_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "optimizer.pt",
+    "rng_state.pth",
+    "scheduler.pt",
+    "trainer_state.json",
+}
+
 
 def fake_checkpoint(run: RunDir, step: int, *, tokens: int = 0, marked: bool = True) -> Path:
-    """A checkpoint directory with the files checkpoint_problem looks at (no adapter weights)."""
+    """A checkpoint directory with every file a resume loads, small but real (what the Trainer saves)."""
     ckpt = run.checkpoint_dir(step)
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text(
         json.dumps({"global_step": step, "num_input_tokens_seen": tokens})
     )
-    (ckpt / "optimizer.pt").write_bytes(b"o")
-    (ckpt / "scheduler.pt").write_bytes(b"s")
+    (ckpt / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    save_file({"lora_A": torch.full((2, 2), float(step))}, ckpt / "adapter_model.safetensors")
+    torch.save({"state": {0: {"exp_avg": torch.zeros(2)}}, "param_groups": []}, ckpt / "optimizer.pt")
+    torch.save({"last_epoch": step}, ckpt / "scheduler.pt")
+    torch.save({"cpu": torch.get_rng_state()}, ckpt / "rng_state.pth")
     if marked:
         assert run.mark_complete(step, tokens)
     return ckpt
@@ -304,40 +319,181 @@ def test_latest_skips_a_newer_unmarked_checkpoint(tmp_path, caplog):
     assert run.find_resume_checkpoint("latest") is None
     fake_checkpoint(run, 4, tokens=128)
     fake_checkpoint(run, 10, marked=False)  # newer, but its save never finished
-    assert json.loads((run.checkpoint_dir(4) / COMPLETE_MARKER).read_text()) == {"step": 4, "tokens": 128}
+    marker = json.loads((run.checkpoint_dir(4) / COMPLETE_MARKER).read_text())
+    assert (marker["step"], marker["tokens"], set(marker["files"])) == (4, 128, CKPT_FILES)
+    weights = run.checkpoint_dir(4) / "adapter_model.safetensors"
+    assert marker["files"]["adapter_model.safetensors"] == {
+        "size": weights.stat().st_size,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
     assert [p.name for p in run.checkpoints()] == ["checkpoint-10", "checkpoint-4"]  # numeric, newest first
     with caplog.at_level(logging.WARNING, logger="lora_dapt"):
         assert find_resume_checkpoint(tmp_path, "latest") == run.checkpoint_dir(4)
-    assert "checkpoint-10: no completion marker" in caplog.text
+    assert "checkpoint-10: no completion marker (lora_dapt_complete.json missing" in caplog.text
     assert not run.mark_complete(99, 0)  # no such checkpoint: nothing written
     with pytest.raises(TrainingError, match="cannot resume from .*checkpoint-10: no completion marker"):
         run.find_resume_checkpoint(str(run.checkpoint_dir(10)))
-    (run.checkpoint_dir(4) / "scheduler.pt").write_bytes(b"")
-    assert checkpoint_problem(run.checkpoint_dir(4)) == "scheduler.pt missing or empty"
+    scheduler = run.checkpoint_dir(4) / "scheduler.pt"
+    size = scheduler.stat().st_size
+    scheduler.write_bytes(b"")
+    assert checkpoint_problem(run.checkpoint_dir(4)) == (
+        f"scheduler.pt is 0 bytes, {size} when saved (truncated or replaced)"
+    )
     assert run.find_resume_checkpoint("latest") is None
 
 
-def test_start_resumes_from_the_checkpoint_and_cuts_the_log(tmp_path):
+def test_a_checkpoint_whose_steps_disagree_is_refused(tmp_path):
+    run = RunDir(tmp_path).create()
+    ckpt = fake_checkpoint(run, 4, marked=False)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    run.mark_complete(4, 0)
+    assert checkpoint_problem(ckpt) == "trainer_state.json says global_step 3, the checkpoint is checkpoint-4"
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    (ckpt / "adapter_config.json").write_text("[]")
+    run.mark_complete(4, 0)
+    assert checkpoint_problem(ckpt) == "adapter_config.json is not a JSON object"
+
+
+def test_start_resumes_from_the_checkpoint_cuts_the_log_and_drops_later_checkpoints(tmp_path, caplog):
     run = RunDir(tmp_path).create()
     run.append_metric(eval_row(0, "before"))
     for step in range(1, 7):
         run.append_metric(train_row(step))
     ckpt = fake_checkpoint(run, 4, tokens=128)
-    assert run.start("latest") == Resume(ckpt, 4, 128)
+    fake_checkpoint(run, 2)
+    fake_checkpoint(run, 6, marked=False)  # saved after the resume point, by the session being replaced
+    with caplog.at_level(logging.WARNING, logger="lora_dapt"), run:
+        assert run.start("latest") == Resume(ckpt, 4, 128)
     assert [r["step"] for r in run.read_metrics()] == [0, 1, 2, 3, 4]
-    assert run.start(None) is None  # a fresh start now clears that run
-    assert run.checkpoints() == [] and not run.metrics_path.exists()
+    assert [p.name for p in run.checkpoints()] == ["checkpoint-4", "checkpoint-2"]
+    assert "deleting checkpoint-6: saved after step 4, the checkpoint this run resumes from" in caplog.text
+    # an explicit, older checkpoint: the later one goes the same way
+    with run:
+        assert run.start(str(run.checkpoint_dir(2))) == Resume(run.checkpoint_dir(2), 2, 0)
+    assert [p.name for p in run.checkpoints()] == ["checkpoint-2"]
+    assert [r["step"] for r in run.read_metrics()] == [0, 1, 2]
 
 
-def test_fresh_start_warns_and_clears_a_previous_run(tmp_path, caplog):
+def test_a_fresh_start_in_a_run_is_refused_without_overwrite(tmp_path):
     run = RunDir(tmp_path / "new" / "run")
-    assert run.start("latest") is None and run.path.is_dir()  # nothing to resume: a fresh start
+    with run:
+        assert run.start("latest") is None and run.path.is_dir()  # nothing to resume, no run: a fresh start
     for step in (2, 4):
         fake_checkpoint(run, step)
     run.append_metric(train_row(1))
+    before = sorted(p.relative_to(run.path) for p in run.path.rglob("*"))
+    with pytest.raises(TrainingError) as err, run:
+        run.start(None)
+    assert str(err.value) == (
+        f"{run.path} holds an earlier run (2 checkpoint(s): checkpoint-4, checkpoint-2; metrics.jsonl with 1 "
+        "train row(s) up to step 1). Continue it with train.resume_from=latest, or start over with "
+        "train.overwrite=true (deletes that run's checkpoints, metrics log and adapter), or choose another "
+        "train.output_dir"
+    )
+    assert sorted(p.relative_to(run.path) for p in run.path.rglob("*")) == before  # nothing deleted
+
+
+@pytest.mark.parametrize("what", ["adapter", "summary", "metrics"])
+def test_any_trace_of_a_finished_run_counts_as_a_run(tmp_path, what):
+    run = RunDir(tmp_path).create()
+    if what == "adapter":
+        run.adapter_dir.mkdir()
+    elif what == "summary":
+        run.write_summary({"steps": 3})
+    else:
+        run.append_metric(eval_row(0, "before"))
+    expected = {
+        "adapter": "adapter/",
+        "summary": "summary.json",
+        "metrics": "metrics.jsonl with 0 train row(s)",
+    }
+    assert run.previous_run() == [expected[what]]
+    with pytest.raises(TrainingError, match="holds an earlier run"), run:
+        run.start(None)
+
+
+def test_overwrite_warns_and_clears_a_previous_run(tmp_path, caplog):
+    run = RunDir(tmp_path / "run")
+    for step in (2, 4):
+        fake_checkpoint(run, step)
+    run.append_metric(train_row(1))
+    run.adapter_dir.mkdir()
+    (run.adapter_dir / "adapter_config.json").write_text("{}")
+    run.write_summary({"steps": 4})
+    run.write_eval_before({"domain": {}})
+    run.report_path.write_text("# report")
+    run.plots_dir.mkdir()
     (run.path / "keep.txt").write_text("mine")
-    with caplog.at_level(logging.WARNING, logger="lora_dapt"):
-        assert run.start(None) is None
-    assert "replacing the previous run's metrics log and 2 checkpoint(s)" in caplog.text
-    assert run.checkpoints() == [] and run.read_metrics() == []
+    with caplog.at_level(logging.WARNING, logger="lora_dapt"), run:
+        assert run.start(None, overwrite=True) is None
+    assert (
+        f"train.overwrite: starting a fresh run in {run.path}, deleting the earlier run's files (2 checkpoint(s): "
+        "checkpoint-4, checkpoint-2; metrics.jsonl with 1 train row(s) up to step 1; adapter/; summary.json)"
+    ) in caplog.text
+    assert run.checkpoints() == [] and run.read_metrics() == [] and run.previous_run() == []
+    assert sorted(p.name for p in run.path.iterdir()) == ["checkpoints", "keep.txt", "lora_dapt.lock"]
     assert (run.path / "keep.txt").read_text() == "mine"  # only the run's own files go
+
+
+def test_latest_without_a_usable_checkpoint_refuses_and_deletes_nothing(tmp_path):
+    run = RunDir(tmp_path).create()
+    run.append_metric(train_row(1))
+    run.append_metric(train_row(2))
+    with pytest.raises(TrainingError) as err, run:
+        run.start("latest")
+    assert str(err.value) == (
+        f"train.resume_from='latest' found no usable checkpoint in {run.path}, which holds a run "
+        "(metrics.jsonl with 2 train row(s) up to step 2); nothing was deleted. It has no checkpoint "
+        "(train.save_every = 0 saves only at the end). Resume from a checkpoint you trust with "
+        "train.resume_from=PATH, or start over with train.overwrite=true (deletes that run's checkpoints and "
+        "metrics log)"
+    )
+    assert [r["step"] for r in run.read_metrics()] == [1, 2]
+    fake_checkpoint(run, 2, marked=False)
+    with pytest.raises(TrainingError, match=r"Unusable: checkpoint-2: no completion marker"), run:
+        run.start("latest")
+    assert run.checkpoint_dir(2).is_dir() and len(run.read_metrics()) == 2
+    with run:  # overwrite as well: a fresh start
+        assert run.start("latest", overwrite=True) is None
+    assert run.checkpoints() == [] and run.read_metrics() == []
+
+
+def test_rotation_keeps_the_newest_complete_ones_and_the_resumed_one(tmp_path):
+    run = RunDir(tmp_path).create()
+    for step in (1, 3, 5, 6):
+        fake_checkpoint(run, step)
+    fake_checkpoint(run, 2, marked=False)  # a save that never finished
+    fake_checkpoint(run, 4, marked=False)
+    assert [p.name for p in run.rotate_checkpoints(5, keep=2)] == [
+        "checkpoint-4",
+        "checkpoint-2",
+        "checkpoint-1",
+    ]
+    assert [p.name for p in run.checkpoints()] == ["checkpoint-6", "checkpoint-5", "checkpoint-3"]  # 6 > 5
+    with run:
+        assert run.start(str(run.checkpoint_dir(3))).step == 3  # drops 5 and 6: saved after step 3
+        fake_checkpoint(run, 4)
+        fake_checkpoint(run, 5)
+        assert run.rotate_checkpoints(5, keep=1) == [run.checkpoint_dir(4)]
+    assert [p.name for p in run.checkpoints()] == ["checkpoint-5", "checkpoint-3"]  # 3: resumed from
+
+
+def test_before_resume_can_refuse_before_anything_changes(tmp_path):
+    run = RunDir(tmp_path).create()
+    for step in range(1, 7):
+        run.append_metric(train_row(step))
+    fake_checkpoint(run, 4, tokens=128)
+    fake_checkpoint(run, 6, marked=False)
+    seen = []
+
+    def refuse(resume: Resume) -> None:
+        seen.append(resume)
+        raise TrainingError("changed config")
+
+    with pytest.raises(TrainingError, match="changed config"), run:
+        run.start("latest", before_resume=refuse)
+    assert seen == [Resume(run.checkpoint_dir(4), 4, 128)]
+    assert [p.name for p in run.checkpoints()] == ["checkpoint-6", "checkpoint-4"]  # nothing deleted
+    assert len(run.read_metrics()) == 6  # nor cut
+    with run:  # and the lock went with the refusal
+        assert run.start("latest", before_resume=seen.append).step == 4

@@ -3,7 +3,9 @@
 * :class:`DAPTTrainer`: the chunked causal-LM loss over trained positions (``model.loss``), optimizer
   parameter groups (a separate learning rate for fully trained embeddings / head), our schedules, and a
   :class:`~lora_dapt.rundir.TrainRow` in ``metrics.jsonl`` for every logged step;
-* :class:`LoraDaptCallback`: completion markers on checkpoints, disk-space checks before saving, non-finite
+* :class:`LoraDaptCallback`: completion markers on checkpoints and rotation after them (the Trainer's own
+  ``save_total_limit`` rotation is off: it would delete the last complete checkpoint before the new one is
+  marked), disk-space checks before saving, non-finite
   loss / gradient checks before each optimizer step, periodic evaluation, stopping on a signal;
 * :class:`ProgressBarCallback`: one tqdm bar with loss and tokens/s;
 * :class:`_SignalGuard`: the first Ctrl-C / SIGTERM asks for a checkpoint and a clean stop.
@@ -62,6 +64,9 @@ class RunState:
     """The step whose loss was not finite; set by the trainer, handled before that step's update."""
     last_loss: float | None = None
     """The last logged training loss."""
+    phase: str = "training"
+    """What the run is doing ('training', 'the evaluation before training', ...): what a first signal waits
+    for (the current step, or the evaluation) before the run stops."""
 
     @property
     def interrupted(self) -> bool:
@@ -179,7 +184,7 @@ class DAPTTrainer(Trainer):
 
 
 class LoraDaptCallback(TrainerCallback):
-    """Non-finite checks, periodic evaluation, signals, disk-space checks and completion markers."""
+    """Non-finite checks, periodic evaluation, signals, disk-space checks, completion markers and rotation."""
 
     def __init__(self, run: RunDir, cfg: TrainConfig, state: RunState, evaluate: Evaluator | None) -> None:
         self.run = run
@@ -233,7 +238,10 @@ class LoraDaptCallback(TrainerCallback):
         return control
 
     def on_save(self, args, st, control, **kw):
-        self.run.mark_complete(st.global_step, int(st.num_input_tokens_seen))
+        # The Trainer has written checkpoint-N; mark it complete, and only then delete old ones: a kill at
+        # any moment leaves at least one complete checkpoint.
+        if self.run.mark_complete(st.global_step, int(st.num_input_tokens_seen)):
+            self.run.rotate_checkpoints(st.global_step, keep=self.cfg.save_total_limit)
         return control
 
 
@@ -291,7 +299,7 @@ def build_trainer(
         logging_steps=cfg.logging_every,
         save_strategy="steps" if cfg.save_every else "no",
         save_steps=cfg.save_every or 1,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=None,  # LoraDaptCallback.on_save rotates, after the completion marker
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
@@ -318,9 +326,20 @@ def build_trainer(
     return trainer
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: the run stopped at once, where it was; ``signum`` is the signal's number (the
+    CLI exits with 128 + signum)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class _SignalGuard:
-    """First SIGINT/SIGTERM asks the run to checkpoint and stop (``state.signal``); a second one interrupts
-    at once. Only the main thread can install signal handlers; elsewhere this does nothing."""
+    """First SIGINT/SIGTERM asks the run to stop at its next safe point (``state.signal``): after the current
+    step (with a checkpoint) while training, after the evaluation while evaluating (``state.phase``). A
+    second one raises :class:`RunInterrupted` at once. Only the main thread can install signal handlers;
+    elsewhere this does nothing."""
 
     def __init__(self, state: RunState) -> None:
         self.state = state
@@ -337,11 +356,11 @@ class _SignalGuard:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.state.signal:
-            raise KeyboardInterrupt
+            raise RunInterrupted(signum)
         self.state.signal = name
-        log.warning(
-            "%s received: saving a checkpoint after this step, then stopping (again to abort now)", name
-        )
+        phase = self.state.phase
+        then = "saving a checkpoint after this step" if phase == "training" else f"finishing {phase}"
+        log.warning("%s received: %s, then stopping (again to abort now)", name, then)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
