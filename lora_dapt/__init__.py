@@ -28,6 +28,7 @@ from .config import (
 from .errors import (
     ConfigError,
     DataError,
+    ExportError,
     LoraDaptError,
     MergeError,
     ModelLoadError,
@@ -47,6 +48,7 @@ _LAZY = {
     "continued_pretrain": "train.pretrain",
     "perplexity": "evaluate.score",
     "merge_adapter": "export.merge",
+    "export_gguf": "export.gguf",
     "sft": "train.sft",
     "estimate_memory": "planning.memory",
     "plan": "planning.memory",
@@ -58,6 +60,7 @@ _LAZY = {
     "CorpusStats": "data.stats",
     "TrainResult": "train.pretrain",
     "EvalResult": "evaluate.score",
+    "GGUFExport": "export.gguf",
     # the run directory
     "RunDir": "rundir",
 }
@@ -67,6 +70,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataError",
+    "ExportError",
     "EvalConfig",
     "LoraDaptError",
     "MergeConfig",

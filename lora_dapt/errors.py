@@ -38,6 +38,10 @@ class MergeError(LoraDaptError, RuntimeError):
     """An adapter merge failed or did not verify."""
 
 
+class ExportError(LoraDaptError, RuntimeError):
+    """A model could not be exported (an unsupported architecture or tokenizer) or its file did not verify."""
+
+
 class RunDirError(LoraDaptError, FileNotFoundError):
     """A run directory, or one of its files, is missing or unreadable."""
 

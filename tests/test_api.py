@@ -17,6 +17,7 @@ PUBLIC = {
     "continued_pretrain",
     "perplexity",
     "merge_adapter",
+    "export_gguf",
     "sft",
     "estimate_memory",
     "plan",
@@ -37,6 +38,7 @@ PUBLIC = {
     "CorpusStats",
     "TrainResult",
     "EvalResult",
+    "GGUFExport",
     "RunDir",
     # errors
     "LoraDaptError",
@@ -45,6 +47,7 @@ PUBLIC = {
     "ModelLoadError",
     "TrainingError",
     "MergeError",
+    "ExportError",
     "RunDirError",
 }
 
@@ -72,7 +75,15 @@ def test_helpers_stay_in_their_submodules():
 
 
 def test_errors_share_one_base():
-    for name in ("ConfigError", "DataError", "ModelLoadError", "TrainingError", "MergeError", "RunDirError"):
+    for name in (
+        "ConfigError",
+        "DataError",
+        "ModelLoadError",
+        "TrainingError",
+        "MergeError",
+        "ExportError",
+        "RunDirError",
+    ):
         assert issubclass(getattr(ld, name), ld.LoraDaptError)
 
 
