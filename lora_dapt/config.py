@@ -342,18 +342,25 @@ class MergeConfig(Section):
 
     enabled: bool = False
     """Merge at the end of `lora-dapt train` (also available later as `lora-dapt merge RUN_DIR`)."""
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Dtype of the merged weights."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype of the merged weights. 'auto': the base's own dtype (its config's torch_dtype) when the merged model
+    reproduces the adapter in it (tolerance, ppl_tolerance), else the next wider dtype that does (float16
+    unless a merged weight overflows it, then float32), measured and said in merge_report.json. An explicit
+    dtype that fails verification names the dtype that would pass."""
     base_source: Literal["original", "dequantized"] = "original"
     """Merge into the original 16-bit base, or into the dequantized 4-bit base the adapter was trained on."""
     output_dir: str | None = None
     """Where the merged model goes (default: RUN_DIR/merged)."""
     tolerance: float = 1e-2
     """Largest allowed |logit| difference between adapter-on-16-bit and merged model (relative to logit scale)."""
+    ppl_tolerance: float = 5e-3
+    """Largest allowed relative difference of held-out perplexity, |ppl(merged) / ppl(adapter) - 1| (0.5%;
+    bfloat16 arithmetic alone moves it by up to about 0.2% on small models)."""
 
     def problems(self) -> list[str]:
         out: list[str] = []
         self._check(out, positive(self.tolerance), "tolerance", "must be > 0")
+        self._check(out, positive(self.ppl_tolerance), "ppl_tolerance", "must be > 0")
         return out
 
 

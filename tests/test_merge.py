@@ -437,3 +437,121 @@ def test_sft_adapter_with_added_tokens(tiny_model_dir, tmp_path):
         merged.get_output_embeddings().weight, trained["base_model.model.lm_head.weight"]
     )
     assert json.loads((out / MERGE_REPORT).read_text())["passed"] is True
+
+
+# -- dtype 'auto' (issue 17) -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_base(tmp_path_factory) -> Path:
+    """The tiny Llama stored in bfloat16 (config torch_dtype bfloat16), as SmolLM2 is."""
+    d = tmp_path_factory.mktemp("tiny_bf16")
+    tok = build_tokenizer(d)
+    build_model(d, len(tok)).to(torch.bfloat16).save_pretrained(d)
+    return d
+
+
+def _small_update_adapter(base: Path, out: Path, b_value: float) -> Path:
+    """LoRA with B = b_value everywhere and A = +-1: every element of BA is a multiple of b_value, far below
+    the bf16 spacing of weights of about 0.2 (2^-8 x 0.2 = 8e-4) for b_value = 1e-4."""
+    torch.manual_seed(0)
+    model, tok = load_base_model(base, quantization=None, compute_dtype="float32")
+    cfg = AdapterConfig(r=4, alpha=8, dropout=0.0, init_lora_weights=False, gradient_checkpointing=False)
+    peft_model = apply_lora(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(b_value)
+            elif "lora_A" in name:
+                p.copy_(torch.randn_like(p).sign())
+    peft_model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_auto_widens_exactly_when_bf16_loses_the_update(bf16_base, tmp_path, capsys):
+    adapter = _small_update_adapter(bf16_base, tmp_path / "small", 1e-4)
+    out = merge_adapter(
+        bf16_base, adapter, tmp_path / "merged", trained_on=TRAINED_16BIT, eval_texts=EVAL_TEXTS
+    )
+    report = json.loads((out / MERGE_REPORT).read_text())
+    assert report["dtype_requested"] == "auto" and report["dtype"] == "float16" and report["passed"]
+    bf16, fp16 = report["dtype_trials"]
+    assert (bf16["dtype"], bf16["passed"], fp16["dtype"], fp16["passed"]) == (
+        "bfloat16",
+        False,
+        "float16",
+        True,
+    )
+    assert bf16["max_abs_logit_diff"] > bf16["allowed_logit_diff"] >= fp16["max_abs_logit_diff"]
+    assert bf16["update_erased"] > 0.5 and bf16["layers_mostly_erased"] == bf16["lora_layers"] == 14
+    assert fp16["update_erased"] < 0.2
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.float16
+    assert (
+        f"bfloat16 rounding erased {100 * bf16['update_erased']:.0f}% of the update" in report["dtype_reason"]
+    )
+    assert report["dtype_reason"].endswith("saved as float16")
+    printed = capsys.readouterr().out
+    assert report["dtype_reason"] in printed and "held-out perplexity: merged" in printed
+    # perplexity check: both reported, equal within the tolerance
+    rel = abs(report["perplexity_merged"] / report["perplexity_adapter"] - 1)
+    assert report["ppl_rel_diff"] == pytest.approx(rel) and rel <= report["ppl_tolerance"] == 5e-3
+    assert report["perplexity_merged"] == pytest.approx(report["losses"]["merged"]["perplexity"])
+
+
+def test_auto_keeps_bf16_when_the_update_survives(bf16_base, tmp_path):
+    adapter = _make_adapter(
+        bf16_base, tmp_path / "big", seed=4
+    )  # random A, B: an update far above bf16 spacing
+    out = merge_adapter(
+        bf16_base,
+        adapter,
+        tmp_path / "merged",
+        trained_on=TRAINED_16BIT,
+        eval_texts=EVAL_TEXTS,
+        tolerance=0.1,
+    )
+    report = json.loads((out / MERGE_REPORT).read_text())
+    assert report["dtype"] == "bfloat16" and [t["dtype"] for t in report["dtype_trials"]] == ["bfloat16"]
+    assert report["dtype_trials"][0]["passed"] and report["dtype_trials"][0]["update_erased"] < 0.05
+    assert report["dtype_reason"].startswith("auto: the base's own dtype bfloat16 keeps the update")
+
+
+def test_explicit_bf16_that_fails_names_the_dtype_that_passes(bf16_base, tmp_path):
+    adapter = _small_update_adapter(bf16_base, tmp_path / "small", 1e-4)
+    with pytest.raises(MergeError, match=r"\(bfloat16\) does not reproduce[\s\S]*dtype='float16' passes"):
+        merge_adapter(
+            bf16_base,
+            adapter,
+            tmp_path / "m",
+            dtype="bfloat16",
+            trained_on=TRAINED_16BIT,
+            eval_texts=EVAL_TEXTS,
+        )
+    report = json.loads((tmp_path / "m.partial" / MERGE_REPORT).read_text())
+    assert report["dtype"] == "bfloat16" and report["dtype_requested"] == "bfloat16" and not report["passed"]
+    assert [(t["dtype"], t["passed"]) for t in report["dtype_trials"]] == [
+        ("bfloat16", False),
+        ("float16", True),
+    ]
+    # a stricter tolerance that float16 misses: float32 is named
+    with pytest.raises(MergeError, match=r"dtype='float32' passes"):
+        merge_adapter(
+            bf16_base,
+            adapter,
+            tmp_path / "m2",
+            dtype="bfloat16",
+            tolerance=2e-3,
+            trained_on=TRAINED_16BIT,
+            eval_texts=EVAL_TEXTS,
+        )
+
+
+def test_perplexity_check_fails_a_merge_beyond_ppl_tolerance(tiny_model_dir, adapter_plain, tmp_path):
+    with pytest.raises(
+        MergeError, match=r"held-out perplexity of the merged model .* \(> ppl_tolerance 1e-09\)"
+    ):
+        _merge(tiny_model_dir, adapter_plain, tmp_path / "m", ppl_tolerance=1e-9, trained_on=TRAINED_16BIT)
+    report = json.loads((tmp_path / "m.partial" / MERGE_REPORT).read_text())
+    assert report["ppl_rel_diff"] > 1e-9 and report["max_abs_logit_diff"] < 1e-4

@@ -26,6 +26,7 @@ examples:
   lora-dapt prepare config.yaml                 # corpus statistics only, no training
   lora-dapt report runs/demo                    # report.md + plots for a run directory
   lora-dapt merge runs/demo --dtype bfloat16    # verified 16-bit merged model
+  lora-dapt export runs/demo --format gguf --type q8_0   # verified GGUF + Ollama Modelfile
   lora-dapt sft config.yaml                     # instruction tuning on the DAPT run (sft: section)
   lora-dapt plan llama-3-8b --gpu-memory 12GB   # settings that fit an 8B QLoRA run in 12 GB
   lora-dapt config                              # every config key with its default and meaning
@@ -195,6 +196,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export.gguf import export_gguf, format_export
+
+    result = export_gguf(args.source, args.output, type=args.type, overwrite=args.overwrite)
+    print(format_export(result))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "quickstart": (cmd_quickstart, "adapt SmolLM2-135M to Python's docs on this machine: train, eval, merge"),
     "train": (cmd_train, "continued pre-training from a YAML config"),
@@ -203,6 +212,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "config": (cmd_config, "list every config key with its default and meaning"),
     "report": (cmd_report, "write report.md and plots for a run directory"),
     "merge": (cmd_merge, "merge a run's adapter into a verified 16-bit model"),
+    "export": (cmd_export, "write a merged model as a verified GGUF file (llama.cpp, Ollama) + Modelfile"),
     "plan": (cmd_plan, "pick seq_len, batch, accumulation, checkpointing, optimizer to fit a GPU"),
     "eval": (cmd_eval, "perplexity / bits-per-byte of a run, a config's base model, or a model directory"),
 }
@@ -239,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("run_dir", help="run directory (train.output_dir of a finished run)")
         if name == "merge":
             p.add_argument("--output", default=None, help="output directory (default RUN_DIR/merged)")
-            p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+            p.add_argument(
+                "--dtype",
+                default=None,
+                choices=["auto", "bfloat16", "float16", "float32"],
+                help="merged weights' dtype; auto (default): the base's own, or the next wider that keeps the update",
+            )
             p.add_argument(
                 "--base-source",
                 default=None,
@@ -251,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "--tolerance", type=float, default=None, help="allowed relative |logit| difference"
             )
             p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+        if name == "export":
+            p.add_argument("source", help="run directory (its merged/ is exported) or merged model directory")
+            p.add_argument("--format", default="gguf", choices=["gguf"], help="file format (gguf)")
+            p.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0"], help="weight type")
+            p.add_argument("--output", default=None, help="the .gguf path (default RUN/<run>-<type>.gguf)")
+            p.add_argument("--overwrite", action="store_true", help="replace an existing file")
         if name == "plan":
             from ..planning.cli import add_plan_arguments
 

@@ -195,7 +195,6 @@ def quickstart(
 ) -> QuickstartResult:
     """Run the whole quickstart and return its result (``.table()`` is what the CLI prints)."""
     from ..export.merge import merge_run
-    from ..model.load import resolve_device
     from ..pipeline import run
 
     t0 = time.time()
@@ -209,11 +208,7 @@ def quickstart(
     result = run(cfg)
     merged = None
     if merge and result.stopped is None:
-        merged = merge_run(
-            result.output_dir,
-            dtype="float32" if resolve_device().type == "cpu" else "bfloat16",
-            overwrite=True,
-        )
+        merged = merge_run(result.output_dir, overwrite=True)  # merge.dtype 'auto': measured, see the report
     run_dir = RunDir.open(result.output_dir)
     summary = run_dir.read_summary()
     if summary is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,15 +138,16 @@ _ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_si
 
 
 def check_base_name(
-    adapter: AdapterFiles, adapter_dir: Path, base: str, base_config: Any, resolved: str | None = None
+    adapter: AdapterFiles, adapter_dir: Path, base: str, base_config: Any, aliases: Sequence[str] = ()
 ) -> list[str]:
     """Compare the adapter's recorded base with the given one. Returns warnings; raises on a different model.
 
-    ``resolved`` is what ``base`` loads from (for a GGUF, lora_dapt's dequantized checkpoint, which is the
-    name peft records); either name matching counts as the same model.
+    ``aliases`` are other names of the same base: what ``base`` loads from (for a GGUF, lora_dapt's
+    dequantized checkpoint, which older runs recorded), and the source as the user named it in training (a
+    ``.gguf`` file's path, which training records). Any name matching counts as the same model.
     """
     recorded = adapter.config.get("base_model_name_or_path")
-    if not recorded or str(recorded) in (str(base), str(resolved)):
+    if not recorded or str(recorded) in {str(base), *map(str, aliases)}:
         return []
     rec_path = Path(str(recorded))
     if (rec_path / "config.json").is_file():
@@ -232,9 +234,9 @@ def check_shapes(adapter: AdapterFiles, adapter_dir: Path, base: str, meta: Any)
     return new_vocab
 
 
-def estimate_bytes(meta: Any, dtype: torch.dtype, new_vocab: int | None) -> int:
-    """Bytes the merged model's weights take on disk in ``dtype`` (tied parameters once, as they are saved
-    once; grown embeddings and head included)."""
+def count_weights(meta: Any, new_vocab: int | None) -> int:
+    """Weights the merged model saves (tied parameters once, as they are saved once; grown embeddings and
+    head included); times the bytes per weight of the dtype, its size on disk."""
     seen: set[int] = set()
     n = 0
     for p in meta.parameters():
@@ -244,7 +246,7 @@ def estimate_bytes(meta: Any, dtype: torch.dtype, new_vocab: int | None) -> int:
     if new_vocab:
         emb = meta.get_input_embeddings().weight
         n += (new_vocab - emb.shape[0]) * emb.shape[1] * 2
-    return n * torch.finfo(dtype).bits // 8
+    return n
 
 
 def free_bytes(path: Path) -> int:

@@ -25,19 +25,23 @@ from ..model.load import (
     resolve_model_source,
 )
 from ..model.tokenizer import has_tokenizer_files
+from .card import source_name
 from .checks import (
     AdapterFiles,
     check_base_name,
     check_disk_space,
     check_shapes,
     check_tokenizer,
-    estimate_bytes,
+    count_weights,
     meta_model,
     read_adapter,
 )
-from .measure import FALLBACK_TEXTS, eval_sequences
+from .measure import FALLBACK_TEXTS, dtype_candidates, eval_sequences, model_dtype
 
 log = logging.getLogger("lora_dapt")
+
+DTYPE_BYTES = {name: torch.finfo(dtype).bits // 8 for name, dtype in DTYPES.items()}
+"""Bytes per weight of each merge dtype."""
 
 
 @dataclass
@@ -45,6 +49,8 @@ class MergeJob:
     """What the checks established: everything the later steps need, nothing loaded but the tokenizer."""
 
     base: str
+    base_name: str
+    """The base as the user named it (a .gguf file's path for a GGUF base): what the model card names."""
     source: Path | str
     """What ``from_pretrained`` loads (for a GGUF, lora_dapt's dequantized checkpoint)."""
     adapter_dir: Path
@@ -53,7 +59,10 @@ class MergeJob:
     new_vocab: int | None
     """Vocabulary size of an adapter that grew the embeddings (an SFT run that added tokens), else None."""
     device: torch.device
-    dtype: torch.dtype
+    base_dtype: str
+    """The dtype the base's checkpoint is stored in (its config's torch_dtype), what 'auto' tries first."""
+    weight_count: int
+    """Parameters of the merged model as saved (tied ones once, grown embeddings included), for disk checks."""
     big: bool
     """Over 1 GiB of weights: worth a full garbage collection after each model is freed."""
     trust_remote_code: bool
@@ -122,31 +131,41 @@ def prepare_job(
     cfg: MergeConfig,
     trained: ModelConfig,
     tmp: str,
+    base_name: str | None = None,
 ) -> MergeJob:
     """Everything that can be checked before any weights are loaded: the adapter's files and shapes against
-    the base's (on the meta device), disk space, the tokenizer."""
-    dtype = DTYPES[cfg.dtype]  # MergeConfig allows only its names
+    the base's (on the meta device), disk space, the tokenizer. ``base_name``: the base as the user named it in
+    training (:func:`~lora_dapt.export.card.source_name`), when it differs from ``base``."""
     device = resolve_device(trained.device)
     source = resolve_model_source(base, trained.gguf_file)
     adapter = read_adapter(adapter_dir, staging_dir=tmp)
     base_config, meta = meta_model(source, trained.trust_remote_code)
-    notes = check_base_name(adapter, adapter_dir, str(base), base_config, str(source))
+    names = [
+        str(source),
+        source_name(trained.name_or_path, trained.gguf_file),
+        *([base_name] if base_name else []),
+    ]
+    notes = check_base_name(adapter, adapter_dir, str(base), base_config, names)
     new_vocab = check_shapes(adapter, adapter_dir, str(base), meta)
-    need = estimate_bytes(meta, dtype, new_vocab)
+    base_dtype = model_dtype(base_config)
+    first = dtype_candidates(cfg.dtype, base_dtype)[0]
+    count = count_weights(meta, new_vocab)
     del meta
-    check_disk_space(out, need, cfg.dtype)
+    check_disk_space(out, count * DTYPE_BYTES[first], first)
     tokenizer = tokenizer_for(adapter_dir, source, trained.trust_remote_code)
     check_tokenizer(tokenizer, new_vocab, str(base), base_config.vocab_size)
     return MergeJob(
         base=str(base),
+        base_name=base_name or source_name(trained.name_or_path, trained.gguf_file),
         source=source,
         adapter_dir=adapter_dir,
         adapter=adapter,
         tokenizer=tokenizer,
         new_vocab=new_vocab,
         device=device,
-        dtype=dtype,
-        big=need > 2**30,
+        base_dtype=base_dtype,
+        weight_count=count,
+        big=count * DTYPE_BYTES[first] > 2**30,
         trust_remote_code=trained.trust_remote_code,
         notes=notes,
     )

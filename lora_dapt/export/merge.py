@@ -13,24 +13,32 @@ it that users get wrong (transformers #31293, unsloth #1971 #4098, peft #2972):
 
   The report measures both against the 4-bit model as trained, so the user can choose with numbers.
 * Fully trained embeddings / output head (peft ``modules_to_save``) are merged, and tied weights stay tied.
-* The shipped folder is verified: it is reloaded with plain ``transformers`` (no peft) and its loss and logits
-  on held-out text are compared with the adapter on the 16-bit base. A disagreement beyond ``tolerance``
-  raises :class:`MergeError` and the folder is left at ``OUTPUT.partial`` for inspection, never at ``OUTPUT``.
+* The dtype is measured, not guessed (``MergeConfig.dtype = 'auto'``, the default): rounding ``W + BA`` to
+  bfloat16 erases an update smaller than the weights' bf16 spacing (a short run, a low learning rate), so the
+  base's own dtype is kept only when the model merged in it reproduces the adapter; else the next wider dtype
+  that does (float16 unless a merged weight overflows it, then float32). Every dtype tried is in the report
+  with the share of the update its rounding erased (:mod:`.trials`).
+* The shipped folder is verified: it is reloaded with plain ``transformers`` (no peft) and its logits and
+  held-out perplexity are compared with the adapter on the 16-bit base. A disagreement beyond ``tolerance``
+  (logits) or ``ppl_tolerance`` (perplexity) raises :class:`MergeError` and the folder is left at
+  ``OUTPUT.partial`` for inspection, never at ``OUTPUT``; an explicit dtype that failed names the one that
+  passes.
+* The merged folder gets a model card (README.md, :mod:`.card`) and ``merge_report.json``.
 
-:func:`merge_adapter` reads top to bottom: check (before any weights are loaded) -> evaluate the adapter
-(4-bit as trained, 16-bit) -> merge and save -> reload and verify -> report.
+:func:`merge_adapter` reads top to bottom: check (before any weights are loaded) -> per dtype tried: evaluate
+the adapter (4-bit as trained, 16-bit), merge, measure -> save -> reload and verify -> report and card.
 
 Memory: the 4-bit model (about a quarter of the 16-bit size) is loaded first for the "as trained" numbers and
 freed before the 16-bit base is loaded (kept alongside it only for ``base_source="dequantized"``); the merge is
-in place and the merged model is freed before the saved copy is reloaded, so the peak is about one 16-bit
-copy of the weights. Adapter files are read tensor by tensor, and ``adapter_model.bin`` pickles are only ever
-read with ``torch.load(weights_only=True)``.
+in place and each merged model is freed before the next dtype's base is loaded or the saved copy reloaded, so
+the peak is about one copy of the weights in the widest dtype tried. Adapter files are read tensor by tensor,
+and ``adapter_model.bin`` pickles are only ever read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -38,16 +46,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import MergeConfig, ModelConfig
 from ..errors import MergeError, ModelLoadError
-from ..model.bnb import load_dequantized, quantized_linears
-from ..model.load import ModelSource, load_base_model_from
+from ..model.load import DTYPES, ModelSource
 from ..rundir import MERGE_REPORT, RunDir, write_json_atomic
+from .card import RunFacts, merged_card, source_name, write_card
 from .job import MergeJob, check_settings, held_out_sequences, merge_settings, prepare_job, trained_settings
 from .measure import max_abs_diff, score
-from .report import LossResult, MergeReport, compare_bases
+from .report import LossResult, MergeReport, compare_bases, dtype_reason
+from .trials import Saved, release, try_dtypes
 
 log = logging.getLogger("lora_dapt")
 
@@ -67,30 +74,21 @@ MAX_SHARD_SIZE = "5GB"
 
 
 @dataclass
-class _AdapterScores:
-    """The adapter before merging: losses (a) and (b), the kept logits of (a) and (b), and how far the adapter
-    moves the 16-bit base's logits."""
-
-    losses: dict[str, LossResult | None]
-    logits_4bit: torch.Tensor | None
-    logits_16bit: torch.Tensor
-    adapter_effect: float
-
-
-@dataclass
 class _Verification:
     """The reloaded merged model (c) against the adapter on the 16-bit base (b)."""
 
     loss: LossResult
     max_abs_logit_diff: float
     logit_scale: float
+    ppl_rel_diff: float
     tied: bool
     """The merged model ties embeddings and head, and the reloaded one does too."""
     passed: bool
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# merge_adapter: 1. settings and checks (.job) -> 2. score the adapter -> 3. merge, save -> 4. verify -> 5. report
+# merge_adapter: 1. settings and checks (.job) -> 2. per dtype tried: score the adapter, merge, measure ->
+# 3. save -> 4. verify -> 5. report and card
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -104,6 +102,7 @@ def merge_adapter(
     eval_texts: Sequence[str] | None = None,
     eval_source: str | None = None,
     overwrite: bool = False,
+    facts: RunFacts | None = None,
     max_eval_tokens: int = MAX_EVAL_TOKENS,
     max_eval_len: int = MAX_EVAL_LEN,
     compare_tokens: int = COMPARE_TOKENS,
@@ -117,7 +116,8 @@ def merge_adapter(
             GGUF file, or a hub id.
         adapter_dir: a peft ``save_pretrained`` directory (``continued_pretrain`` or ``sft`` output).
         output_dir: where the merged model goes; it loads with plain ``AutoModelForCausalLM``.
-        config: the merge settings (dtype, base_source, tolerance); default ``MergeConfig()``.
+        config: the merge settings (dtype, base_source, tolerance, ppl_tolerance); default ``MergeConfig()``
+            (dtype 'auto': the base's own dtype when it keeps the update, else the next wider one that does).
         trained_on: how the base was loaded in training: the run's :class:`ModelSource` (``loaded.source``,
             ``RunDir.read_run_info()``) or its ``model`` section (a :class:`ModelConfig`). Its quantization,
             compute dtype and double_quant give the "as trained" numbers and ``base_source='dequantized'``;
@@ -127,6 +127,8 @@ def merge_adapter(
             sentences, which still catch a broken merge but say little about domain quality.
         eval_source: how to describe ``eval_texts`` in the report.
         overwrite: replace an existing, non-empty ``output_dir``.
+        facts: the training run, for the model card (``merge_run`` reads it from the run directory); None:
+            the card names the base and the merge only.
         max_eval_tokens, max_eval_len: how much held-out text is scored, and the longest sequence.
         compare_tokens: positions whose full logits are compared.
         max_shard_size: safetensors shard size of the merged model.
@@ -136,13 +138,17 @@ def merge_adapter(
     Raises:
         ConfigError: a bad setting (every one is listed).
         MergeError: corrupted or mismatched adapter, too little disk space, or a merge that does not verify
-            (the unverified folder is left at ``OUTPUT.partial`` with its report).
+            (the unverified folder is left at ``OUTPUT.partial`` with its report; an explicit dtype that
+            failed names the dtype that passes, measured).
 
     Example::
 
-        merge_adapter("models/llama-3-8b", "runs/demo/adapter", "runs/demo/merged", dtype="bfloat16")
+        merge_adapter("models/llama-3-8b", "runs/demo/adapter", "runs/demo/merged")   # dtype 'auto'
     """
     cfg = merge_settings(config, overrides)
+    base_name = facts.base_name if facts else None
+    if base_name is None and isinstance(trained_on, ModelSource):
+        base_name = source_name(trained_on.name_or_path, trained_on.gguf_file)
     trained = trained_settings(base, trained_on)
     check_settings(cfg, trained)
     out = Path(output_dir)
@@ -153,138 +159,43 @@ def merge_adapter(
         )
 
     with tempfile.TemporaryDirectory(prefix="lora_dapt_adapter_") as tmp:  # a .bin adapter's safetensors copy
-        job = prepare_job(base, Path(adapter_dir), out, cfg, trained, tmp)
+        job = prepare_job(base, Path(adapter_dir), out, cfg, trained, tmp, base_name)
         job.sequences, job.eval_source = held_out_sequences(
             job.tokenizer, eval_texts, eval_source, max_eval_tokens, max_eval_len
         )
-        peft16, scores = _score_adapter(job, cfg, trained, compare_tokens)
-        tied = _merge_and_save(peft16, job, staging, max_shard_size)
-        del peft16
-        _release(job.big)
+        saved = try_dtypes(job, cfg, trained, staging, compare_tokens, max_shard_size)
 
-    verified = _verify(staging, job, scores, cfg, tied, compare_tokens)
-    report = _report(job, cfg, trained, scores, verified, out if verified.passed else staging)
+    verified = _verify(staging, job, saved, cfg, compare_tokens)
+    report = _report(job, cfg, trained, saved, verified, out if verified.passed else staging)
     write_json_atomic(staging / MERGE_REPORT, report.to_dict())
+    write_card(staging, merged_card(report, facts))
     print(report.summary())
     if not verified.passed:
-        raise MergeError(
-            f"the merged model does not reproduce the adapter; NOT saved to {out}. Inspect {staging} and its "
-            f"{MERGE_REPORT}:\n" + "\n".join(f"  - {p}" for p in job.notes)
-        )
+        raise MergeError(_failure(job, cfg, saved, out, staging))
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 2. The adapter before merging: (a) on the 4-bit base as trained, (b) on the 16-bit base
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _score_adapter(
-    job: MergeJob, cfg: MergeConfig, trained: ModelConfig, compare_tokens: int
-) -> tuple[Any, _AdapterScores]:
-    """Score the adapter on the quantized base as trained (a) and on the 16-bit base (b); return the 16-bit
-    peft model (what gets merged) and the scores.
-
-    bitsandbytes repacks 4-bit weights in place for its CPU kernel on the first no-grad forward pass, after
-    which dequantize_4bit returns garbage. So with base_source='dequantized' the 4-bit weights are copied into
-    the 16-bit model before the 4-bit model runs; with 'original' the 4-bit model runs and is freed first, so
-    the two are never in memory together.
-    """
-    losses: dict[str, LossResult | None] = {}
-    logits_a = None
-    model4 = None
-    if trained.quantization != "none":
-        # The load of training (its attention choice aside: lora_dapt picks one, as merge always has).
-        model4 = load_base_model_from(
-            trained, name_or_path=job.source, gguf_file=None, attn_implementation=None
-        ).model
-        if cfg.base_source == "original":
-            losses["adapter_4bit_as_trained"], logits_a = score(
-                _attach(model4, job), job.sequences, compare_tokens
-            )
-            model4 = None
-            _release(job.big)
-
-    model16 = load_base_model_from(
-        trained,
-        name_or_path=job.source,
-        gguf_file=None,
-        quantization=None,
-        compute_dtype=cfg.dtype,
-        device=str(job.device),
-        attn_implementation="sdpa",
-    ).model
-    peft16 = _attach(model16, job)
-    del model16
-    with peft16.disable_adapter():
-        _, logits_base = score(peft16, job.sequences, compare_tokens)
-    losses["adapter_16bit_original"], logits_b = score(peft16, job.sequences, compare_tokens)
-    if model4 is not None:  # base_source == "dequantized"
-        n = load_dequantized(peft16, quantized_linears(model4))
-        log.info("replaced %d layers with their dequantized %s weights", n, trained.quantization)
-        losses["adapter_16bit_dequantized"], logits_b = score(peft16, job.sequences, compare_tokens)
-        losses["adapter_4bit_as_trained"], logits_a = score(
-            _attach(model4, job), job.sequences, compare_tokens
+def _failure(job: MergeJob, cfg: MergeConfig, saved: Saved, out: Path, staging: Path) -> str:
+    """The MergeError message: what failed, and the dtype that passes when one was measured."""
+    if saved.would_pass:
+        t = next(t for t in saved.trials if t.dtype == saved.would_pass)
+        fix = (
+            f"dtype='{t.dtype}' passes (measured: max |logit diff| {t.max_abs_logit_diff:.3g} <= "
+            f"{t.allowed_logit_diff:.3g}, ppl {t.perplexity_merged:.4f} vs adapter {t.perplexity_adapter:.4f}): "
+            f"merge again with dtype='{t.dtype}' (CLI: --dtype {t.dtype}) or dtype='auto'"
         )
-        model4 = None
-        _release(job.big)
-    return peft16, _AdapterScores(losses, logits_a, logits_b, max_abs_diff(logits_b, logits_base))
-
-
-def _attach(model: Any, job: MergeJob) -> Any:
-    """The adapter on ``model`` (embeddings grown first when the adapter added tokens), for inference."""
-    from peft import PeftModel
-
-    if job.new_vocab:
-        model.resize_token_embeddings(job.new_vocab)
-    try:
-        return PeftModel.from_pretrained(model, str(job.adapter.load_dir), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise MergeError(f"peft could not load the adapter from {job.adapter.load_dir}: {e}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 3. Merge (peft, in place) and save
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _merge_and_save(peft16: Any, job: MergeJob, staging: Path, max_shard_size: str | int) -> bool:
-    """Merge in place, refuse non-finite weights, keep tied weights tied, save model and tokenizer into
-    ``staging``; return whether the saved model ties embeddings and head."""
-    try:
-        merged = peft16.merge_and_unload(safe_merge=True)
-    except ValueError as e:
-        raise MergeError(f"merging {job.adapter_dir} failed: {e}") from None
-    for name, p in merged.named_parameters():
-        if not torch.isfinite(p).all():
-            raise MergeError(
-                f"merged weight {name} has NaN/inf values; the adapter in {job.adapter_dir} is broken"
-            )
-    tied = bool(getattr(merged.config, "tie_word_embeddings", False))
-    if tied:
-        inp, head = merged.get_input_embeddings(), merged.get_output_embeddings()
-        if inp.weight.data_ptr() != head.weight.data_ptr():
-            if torch.equal(inp.weight, head.weight):
-                head.weight = inp.weight
-            else:
-                # An adapter that trained the two copies apart: keep what was trained, untied.
-                merged.config.tie_word_embeddings = False
-                tied = False
-                job.notes.append(
-                    "the base ties embeddings and head, the adapter trained them apart: saved untied"
-                )
-    pad_id = job.tokenizer.pad_token_id
-    merged.config.pad_token_id = pad_id
-    if getattr(merged, "generation_config", None) is not None:
-        merged.generation_config.pad_token_id = pad_id
-    if staging.exists():
-        shutil.rmtree(staging)
-    merged.save_pretrained(staging, max_shard_size=max_shard_size)
-    job.tokenizer.save_pretrained(staging)
-    return tied
+        job.notes.append(fix)
+    elif saved.dtype != "float32" or len(saved.trials) > 1:
+        job.notes.append(
+            "no wider dtype passes either (see dtype_trials): the merge did not keep the adapter"
+        )
+    return (
+        f"the merged model ({saved.dtype}) does not reproduce the adapter; NOT saved to {out}. Inspect {staging} "
+        f"and its {MERGE_REPORT}:\n" + "\n".join(f"  - {p}" for p in job.notes)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,17 +204,21 @@ def _merge_and_save(peft16: Any, job: MergeJob, staging: Path, max_shard_size: s
 
 
 def _verify(
-    staging: Path, job: MergeJob, scores: _AdapterScores, cfg: MergeConfig, tied: bool, compare_tokens: int
+    staging: Path, job: MergeJob, saved: Saved, cfg: MergeConfig, compare_tokens: int
 ) -> _Verification:
     """Reload ``staging`` with plain transformers and compare it with the adapter on the 16-bit base (b).
 
-    It passes when the logits agree within ``tolerance`` x their scale, every weight loads by name, and tied
-    weights came back tied; each failure is a note in the report.
+    It passes when the logits agree within ``tolerance`` x their scale, the held-out perplexities within
+    ``ppl_tolerance`` (relative), every weight loads by name, and tied weights came back tied; each failure
+    is a note in the report.
     """
     from transformers import AutoModelForCausalLM
 
     reloaded, info = AutoModelForCausalLM.from_pretrained(
-        str(staging), dtype=job.dtype, output_loading_info=True, trust_remote_code=job.trust_remote_code
+        str(staging),
+        dtype=DTYPES[saved.dtype],
+        output_loading_info=True,
+        trust_remote_code=job.trust_remote_code,
     )
     reloaded.to(job.device)
     missing = [k for k in info.get("missing_keys", []) if k]
@@ -314,27 +229,35 @@ def _verify(
         == reloaded.get_output_embeddings().weight.data_ptr()
     )
     del reloaded
-    _release(job.big)
+    release(job.big)
 
+    scores = saved.scores
     diff = max_abs_diff(scores.logits_16bit, logits_c)
     scale = max(1.0, float(scores.logits_16bit.abs().max()))
+    ref = scores.reference.perplexity
+    rel = abs(loss.perplexity / ref - 1) if ref > 0 else float("inf")
     if missing or unexpected:
         job.notes.append(
             f"reloading the merged model: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
         )
+    tied = saved.tied
     if tied and not reload_tied:
         job.notes.append("the merged model should tie embeddings and head, but the reloaded one does not")
-    if diff > cfg.tolerance * scale:
+    logits_ok = math.isfinite(diff) and diff <= cfg.tolerance * scale
+    if not logits_ok:
         job.notes.append(
-            f"merged logits differ from the adapter's by up to {diff:.4g} (> {cfg.tolerance:g} x {scale:.3g}); "
-            + (
-                "bf16/fp16 rounding of the merged weights can do this: try dtype='float32' or a larger tolerance"
-                if cfg.dtype != "float32" and diff < 0.5 * scores.adapter_effect
-                else "the merge did not keep the adapter"
-            )
+            f"merged logits ({saved.dtype}) differ from the adapter's by up to {diff:.4g} "
+            f"(> {cfg.tolerance:g} x {scale:.3g}; the adapter moves logits by up to {scores.adapter_effect:.3g})"
         )
-    passed = diff <= cfg.tolerance * scale and not (missing or unexpected) and (reload_tied or not tied)
-    return _Verification(loss, diff, scale, tied and reload_tied, passed)
+    if not rel <= cfg.ppl_tolerance:
+        job.notes.append(
+            f"held-out perplexity of the merged model {loss.perplexity:.4f} differs from the adapter's {ref:.4f} "
+            f"by {rel:.2%} (> ppl_tolerance {cfg.ppl_tolerance:g})"
+        )
+    passed = (
+        logits_ok and rel <= cfg.ppl_tolerance and not (missing or unexpected) and (reload_tied or not tied)
+    )
+    return _Verification(loss, diff, scale, rel, tied and reload_tied, passed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,21 +269,26 @@ def _report(
     job: MergeJob,
     cfg: MergeConfig,
     trained: ModelConfig,
-    scores: _AdapterScores,
+    saved: Saved,
     verified: _Verification,
     output_dir: Path,
 ) -> MergeReport:
     """Everything measured, as the report written beside the merged model."""
+    scores = saved.scores
     quantization = None if trained.quantization == "none" else trained.quantization
     losses = {**scores.losses, "merged": verified.loss}
     closer, lower, advice = compare_bases(losses, cfg.base_source, quantization)
     return MergeReport(
         passed=verified.passed,
         base=job.base,
+        base_name=job.base_name,
         resolved_base=str(job.source),
         adapter_dir=str(job.adapter_dir),
         output_dir=str(output_dir),
-        dtype=cfg.dtype,
+        dtype=saved.dtype,
+        dtype_requested=cfg.dtype,
+        dtype_reason=dtype_reason(cfg.dtype, saved.dtype, saved.trials),
+        dtype_trials=saved.trials,
         base_source=cfg.base_source,
         trained_quantization=trained.quantization,
         eval_source=job.eval_source,
@@ -370,6 +298,10 @@ def _report(
         max_abs_logit_diff=verified.max_abs_logit_diff,
         logit_scale=verified.logit_scale,
         tolerance=cfg.tolerance,
+        perplexity_adapter=scores.reference.perplexity,
+        perplexity_merged=verified.loss.perplexity,
+        ppl_rel_diff=verified.ppl_rel_diff,
+        ppl_tolerance=cfg.ppl_tolerance,
         adapter_effect=scores.adapter_effect,
         max_abs_logit_diff_4bit_vs_16bit=(
             None if scores.logits_4bit is None else max_abs_diff(scores.logits_4bit, scores.logits_16bit)
@@ -381,15 +313,6 @@ def _report(
         advice=advice,
         problems=job.notes,
     )
-
-
-def _release(big: bool = True) -> None:
-    """Give freed weights back (call after the last reference is deleted). A full ``gc.collect`` costs about
-    half a second, so it is skipped for small models, whose memory does not matter."""
-    if big:
-        gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,7 +359,7 @@ def merge_run(
 
     Reads the run through :class:`RunDir`: the base as loaded in training (:func:`trained_base`), the ``merge``
     section of ``config.yaml`` for defaults, ``adapter/`` and the held-out split (``eval_texts.json``, used
-    for the check). Arguments left as None take the run's settings; the output defaults to the merge
+    for the check), and what the model card says about the run (:meth:`RunFacts.from_run`). Arguments left as None take the run's settings; the output defaults to the merge
     section's output_dir, else ``RUN_DIR/merged``.
 
     Example::
@@ -469,5 +392,6 @@ def merge_run(
         eval_texts=texts,
         eval_source=note,
         overwrite=overwrite,
+        facts=RunFacts.from_run(run),
         **overrides,
     )

@@ -26,6 +26,67 @@ class LossResult:
     tokens: int
 
 
+@dataclass
+class DtypeTrial:
+    """One dtype a merge tried: the model merged in it (in memory) against the adapter on the base in it."""
+
+    dtype: str
+    passed: bool
+    max_abs_logit_diff: float | None = None
+    allowed_logit_diff: float | None = None
+    """tolerance x the logit scale."""
+    perplexity_adapter: float | None = None
+    perplexity_merged: float | None = None
+    ppl_rel_diff: float | None = None
+    """|ppl(merged) / ppl(adapter) - 1|."""
+    update_erased: float | None = None
+    """Share of the LoRA update's norm that rounding W + BA to this dtype erased (see
+    :class:`~lora_dapt.export.measure.UpdateRounding`)."""
+    lora_layers: int = 0
+    layers_mostly_erased: int = 0
+    """LoRA layers that lost more than half of their update in this dtype."""
+    worst_layer: str | None = None
+    worst_layer_erased: float | None = None
+    skipped: str | None = None
+    """Why this dtype was not tried (float16: a merged weight beyond its range), else None."""
+
+    def describe(self) -> str:
+        """One line: what this dtype did to the update and the logits."""
+        if self.skipped:
+            return f"{self.dtype}: not tried ({self.skipped})"
+        return (
+            f"{self.dtype}: {'pass' if self.passed else 'FAIL'}, max |logit diff| {self.max_abs_logit_diff:.3g} "
+            f"(allowed {self.allowed_logit_diff:.3g}), ppl {self.perplexity_merged:.4f} merged vs "
+            f"{self.perplexity_adapter:.4f} adapter; rounding erased {100 * (self.update_erased or 0):.1f}% of "
+            f"the update ({self.layers_mostly_erased} of {self.lora_layers} LoRA layers lost over half)"
+        )
+
+
+def dtype_reason(requested: str, chosen: str, trials: list[DtypeTrial]) -> str:
+    """Why the merged model is saved in ``chosen``: a sentence for the report and the summary.
+
+    Example: "auto: bfloat16 rounding erased 93% of the update in these layers (14 of 14 LoRA layers lost
+    over half; max |logit diff| 1.31 > 0.3 allowed); saved as float16"."""
+    failed = [t for t in trials if not t.passed and t.dtype != chosen]
+    why = "; ".join(
+        t.describe()
+        if t.skipped
+        else f"{t.dtype} rounding erased {100 * (t.update_erased or 0):.0f}% of the update in these layers "
+        f"({t.layers_mostly_erased} of {t.lora_layers} LoRA layers lost over half; max |logit diff| "
+        f"{t.max_abs_logit_diff:.3g} vs {t.allowed_logit_diff:.3g} allowed, ppl {t.perplexity_merged:.4f} vs "
+        f"{t.perplexity_adapter:.4f})"
+        for t in failed
+    )
+    kept = next((t for t in trials if t.dtype == chosen), None)
+    if requested != "auto":
+        return f"dtype {chosen} as requested" + (f"; {why}" if why else "")
+    if not failed:
+        return f"auto: the base's own dtype {chosen} keeps the update" + (
+            f" (rounding erased {100 * (kept.update_erased or 0):.1f}% of it)" if kept else ""
+        )
+    return f"auto: {why}; saved as {chosen}"
+
+
 LOSS_LABELS = {
     "adapter_4bit_as_trained": "(a) adapter on 4-bit base, as trained",
     "adapter_16bit_original": "(b) adapter on original 16-bit base",
@@ -41,10 +102,18 @@ class MergeReport:
 
     passed: bool
     base: str
+    base_name: str
+    """The base as the user named it in training (a .gguf file's path for a GGUF base)."""
     resolved_base: str
     adapter_dir: str
     output_dir: str
     dtype: str
+    """The dtype the merged model is saved in (for 'auto', the one chosen)."""
+    dtype_requested: str
+    """MergeConfig.dtype: 'auto' or a dtype name."""
+    dtype_reason: str
+    dtype_trials: list[DtypeTrial]
+    """Every dtype tried, in order (an explicit dtype that failed is followed by the wider ones measured)."""
     base_source: str
     trained_quantization: str
     eval_source: str
@@ -57,6 +126,13 @@ class MergeReport:
     logit_scale: float
     """max |logit| of the adapter on the 16-bit base (at least 1); the tolerance is relative to it."""
     tolerance: float
+    perplexity_adapter: float
+    """Held-out perplexity of the adapter on the 16-bit base (b), in the saved dtype."""
+    perplexity_merged: float
+    """Held-out perplexity of the reloaded merged model (c)."""
+    ppl_rel_diff: float
+    """|perplexity_merged / perplexity_adapter - 1|."""
+    ppl_tolerance: float
     adapter_effect: float
     """max |logit| difference between the 16-bit base with and without the adapter (what the merge must keep)."""
     max_abs_logit_diff_4bit_vs_16bit: float | None
@@ -88,6 +164,13 @@ class MergeReport:
             f"(allowed {self.tolerance:g} x scale {self.logit_scale:.3g}; the adapter moves logits by up to "
             f"{self.adapter_effect:.3g})"
         )
+        lines.append(
+            f"  held-out perplexity: merged {self.perplexity_merged:.4f} vs adapter {self.perplexity_adapter:.4f} "
+            f"(relative difference {self.ppl_rel_diff:.2g}, allowed {self.ppl_tolerance:g})"
+        )
+        lines.append(f"  dtype {self.dtype}: {self.dtype_reason}")
+        if len(self.dtype_trials) > 1:
+            lines.extend(f"    tried {t.describe()}" for t in self.dtype_trials)
         if self.max_abs_logit_diff_4bit_vs_16bit is not None:
             lines.append(f"  max |logit diff| (a) vs (b): {self.max_abs_logit_diff_4bit_vs_16bit:.3g}")
         lines.append(f"  {self.advice}")

@@ -162,6 +162,9 @@ def _train(
     total_steps = total_optimizer_steps(len(train_ds), cfg, seq_len)
     _prepare_model(model)
     source = model_source or ModelSource.of_model(model)
+    from ..export.card import record_base_name  # adapter_config.json names the user's source, not a cache
+
+    record_base_name(model, source)
 
     # -- setup: a resume's config checked against the run's (before anything is written), then the run
     #    directory (resume or fresh start), its config and run info ------------------------------------
@@ -212,6 +215,10 @@ def _train(
     # -- summary and report ----------------------------------------------------------------------------
     result = _result(run, state, step, tokens, tokens - trainer.tokens_start, wall, before, after)
     run.write_summary({**result.to_dict(), "data_stats": _stats_dict(corpus)})
+    from ..export.card import RunFacts, adapter_card, write_card  # replaces peft's blank card
+
+    facts = RunFacts.from_training(result, source, model, cfg.learning_rate, seq_len, _stats_dict(corpus))
+    write_card(run.adapter_dir, adapter_card(facts))
     _finish(run, result, interrupted=state.interrupted)
     return result
 
