@@ -39,7 +39,7 @@ _QWEN2_SPLIT = (
 )
 
 PRE_TOKENIZERS: dict[str, str] = {
-    "ByteLevel(regex)": "gpt2",
+    "ByteLevel(regex)": "gpt-2",
     "Digits(individual)+ByteLevel(regex)": "smollm",
     f"Split({_LLAMA3_SPLIT})+ByteLevel": "llama-bpe",
     f"Split({_QWEN2_SPLIT})+ByteLevel": "qwen2",

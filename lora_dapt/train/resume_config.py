@@ -126,6 +126,7 @@ RESUME_RULES: dict[str, frozenset[str]] = {
             "merge.base_source",
             "merge.output_dir",
             "merge.tolerance",
+            "merge.ppl_tolerance",
         }
     ),
     # how the run starts, not what it trains: never compared
