@@ -264,3 +264,85 @@ def test_cli_export(untied, tmp_path, capsys):
     assert f"GGUF written: {out} (f16" in printed and "passed" in printed and out.is_file()
     assert main(["export", str(d), "--output", str(out)]) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def _sentencepiece_bpe_tokenizer(out_dir: Path):
+    """A tiny Mistral / Llama 2 style tokenizer: BPE with byte fallback, a Metaspace ("▁") pre-tokenizer
+    and decoder, ids 0-2 ``<unk>``, ``<s>``, ``</s>``, then the 256 ``<0xNN>`` byte pieces, then the learned
+    pieces. Trained on ASCII text, so any other character is spelled with byte pieces."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = metaspace
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=[], show_progress=False)
+    trainer_tok.train_from_iterator([make_text(200, s) for s in range(30)], trainer=trainer)
+    learned = json.loads(trainer_tok.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"]
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += sorted((t for t in learned["vocab"] if t not in pieces), key=learned["vocab"].get)
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(pieces)}, merges=merges, unk_token="<unk>", byte_fallback=True,
+            fuse_unk=True,
+        )
+    )  # fmt: skip
+    tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def test_sentencepiece_bpe_mistral_round_trip(tmp_path):
+    """The "llama" tokenizer kind (Llama 2 / Mistral): ``▁`` pieces, byte fallback, scores; on a Mistral."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    d = tmp_path / "mistral"
+    tok = _sentencepiece_bpe_tokenizer(d)
+    texts = TEXTS + ["naïve café ☃ déjà vu", "  two spaces, a tab\tand\nnew line", "ÅÄÖ 日本語 emoji 🙂 end"]
+    for text in texts[3:]:  # the non-ASCII characters really go through the byte pieces
+        assert any(3 <= i < 259 for i in tok(text)["input_ids"]), text
+    assert (
+        tok("naïve")["input_ids"][0] == tok.bos_token_id
+        and len(tok) == tok.backend_tokenizer.get_vocab_size()
+    )
+    torch.manual_seed(0)
+    cfg = MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+        eos_token_id=2, sliding_window=None, initializer_range=0.2,
+    )  # fmt: skip
+    MistralForCausalLM(cfg).save_pretrained(d)
+    result = export_gguf(d, tmp_path / "mistral-f16.gguf", type="f16", eval_texts=texts)
+    assert result.report["passed"] is True and result.report["tokenizer_mismatches"] == 0
+    assert result.report["written"]["architecture"] == "llama"
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="mistral-f16.gguf")
+    for text in texts:
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
+        ids = tok(text)["input_ids"]
+        assert back.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+    assert back.decode(back(texts[3])["input_ids"], skip_special_tokens=True) == texts[3]  # bytes fused back
+    from gguf import GGUFReader
+
+    fields = GGUFReader(result.path).fields
+    token_type = fields["tokenizer.ggml.token_type"]
+    types = [int(token_type.parts[i][0]) for i in token_type.data]
+    assert types[:4] == [2, 3, 3, 6] and types[258] == 6 and types[259] == 1  # UNKNOWN, CONTROL, BYTE, NORMAL
+    assert str(bytes(fields["tokenizer.ggml.model"].parts[-1]), "utf-8") == "llama"
+    merged, reloaded = _merged_model(d), _reload(result.path)
+    _assert_weights_exact(merged, reloaded, torch.float16)
+    ids = tok(texts[3], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = merged(ids).logits, reloaded(ids).logits
+    atol = 16 * gguf_export.ROUNDING["f16"] * max(1.0, float(a.abs().max()))
+    assert torch.allclose(a, b, rtol=0, atol=atol), float((a - b).abs().max())
+    _assert_logits_close(merged, reloaded, tok, "f16")

@@ -161,6 +161,10 @@ def _add_metadata(
 ) -> None:
     import gguf
 
+    if name == "mistral":
+        # transformers' reader turns a llama file whose general.name is exactly "mistral" into a Mistral,
+        # then looks "mistral" up in gguf-py's architecture names, which have none: the reload fails
+        name = "mistral-merged"
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
