@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 
 from ..config import SECTIONS, EvalConfig, RunConfig, SFTConfig, TrainConfig
 from ..errors import ConfigError
+from .schedule import group_settings
 
 if TYPE_CHECKING:
     from ..rundir import Resume, RunDir
@@ -355,15 +356,6 @@ def check_general_texts(recorded: dict[str, Any] | None, general_texts: list[str
 # -------------------------------------------------------------------------------------------------------------
 # The schedule of the current config, after the Trainer restored the checkpoint's
 # -------------------------------------------------------------------------------------------------------------
-
-
-def group_settings(cfg: TrainConfig) -> dict[str, dict[str, float]]:
-    """Learning rate and weight decay of each optimizer parameter group (by the group's name), as
-    :class:`~lora_dapt.train.trainer.DAPTTrainer` creates them."""
-    return {
-        "lora": {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay},
-        "embeddings": {"lr": cfg.embedding_learning_rate or cfg.learning_rate / 10, "weight_decay": 0.0},
-    }
 
 
 class ApplyCurrentSchedule(TrainerCallback):

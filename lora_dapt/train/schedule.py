@@ -55,3 +55,12 @@ def total_optimizer_steps(num_blocks: int, cfg: TrainConfig, seq_len: int) -> in
     if cfg.max_tokens is not None:
         return max(1, math.ceil(cfg.max_tokens / (per_step * seq_len)))
     return max(1, math.ceil(num_blocks / per_step))
+
+
+def group_settings(cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """Learning rate and weight decay of each optimizer parameter group (by the group's name), the one rule
+    :class:`~lora_dapt.train.trainer.DAPTTrainer` builds them with and a resume re-applies."""
+    return {
+        "lora": {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay},
+        "embeddings": {"lr": cfg.embedding_learning_rate or cfg.learning_rate / 10, "weight_decay": 0.0},
+    }

@@ -32,7 +32,7 @@ from ..config import TrainConfig
 from ..errors import TrainingError
 from ..model.loss import causal_lm_loss_sum
 from ..rundir import RunDir, TrainRow
-from .schedule import lr_factor
+from .schedule import group_settings, lr_factor
 
 log = logging.getLogger("lora_dapt")
 
@@ -133,14 +133,14 @@ class DAPTTrainer(Trainer):
             return self.optimizer
         model = model or self.model
         cfg = self.train_config
-        emb_lr = cfg.embedding_learning_rate or cfg.learning_rate / 10
+        settings = group_settings(cfg)
         lora, emb = [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
                 (emb if "modules_to_save" in name else lora).append(p)
-        groups = [{"params": lora, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "name": "lora"}]
+        groups = [{"params": lora, **settings["lora"], "name": "lora"}]
         if emb:
-            groups.append({"params": emb, "lr": emb_lr, "weight_decay": 0.0, "name": "embeddings"})
+            groups.append({"params": emb, **settings["embeddings"], "name": "embeddings"})
         opt_cls, opt_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         opt_kwargs.pop("lr", None)
         self.optimizer = opt_cls(groups, lr=cfg.learning_rate, **opt_kwargs)
