@@ -166,10 +166,14 @@ def _train(
 
     record_base_name(model, source)
 
-    # -- setup: a resume's config checked against the run's (before anything is written), then the run
-    #    directory (resume or fresh start), its config and run info ------------------------------------
-    check_resume_config(run, cfg, run_config or _assembled_config(model, source, cfg, eval_cfg), total_steps)
-    resume = run.start(cfg.resume_from, overwrite=cfg.overwrite)
+    # -- setup: the run directory (resume, with the config checked against the run's before anything is
+    #    written, or a fresh start), its config and run info ------------------------------------
+    stored = run_config or _assembled_config(model, source, cfg, eval_cfg)
+    resume = run.start(
+        cfg.resume_from,
+        overwrite=cfg.overwrite,
+        before_resume=lambda r: check_resume_config(r, run, cfg, stored, total_steps),
+    )
     log_resume_length(resume, total_steps, cfg)
     recorded = recorded_before(run, resume)  # what the 'before' evaluation of a resumed run scored
     eval_cfg = pinned_eval_config(eval_cfg, recorded)

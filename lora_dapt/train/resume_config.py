@@ -227,32 +227,26 @@ def compare_configs(
 
 
 def check_resume_config(
-    run: RunDir, cfg: TrainConfig, new: RunConfig | dict[str, Any], total_steps: int
+    resume: Resume, run: RunDir, cfg: TrainConfig, new: RunConfig | dict[str, Any], total_steps: int
 ) -> None:
-    """Before a resume (resume_from set and a checkpoint there) writes anything: compare ``new`` (the
-    RunConfig, or the sections a Python caller's objects give) with the run's ``config.yaml``; refuse what
-    cannot resume, log what can (:func:`compare_configs`). A new length (``total_steps`` optimizer steps)
-    shorter than what the checkpoint to resume from already trained is refused too."""
-    if cfg.resume_from is None or (cfg.resume_from == "latest" and not run.checkpoints()):
-        return
+    """Before a resume from ``resume`` writes anything (``RunDir.start`` calls this under the lock, once the
+    checkpoint is chosen and validated): compare ``new`` (the RunConfig, or the sections a Python caller's
+    objects give) with the run's ``config.yaml``; refuse what cannot resume, log what can
+    (:func:`compare_configs`). A new length (``total_steps`` optimizer steps) shorter than what the
+    checkpoint already trained is refused too."""
     import yaml
 
     sections = new.to_dict() if isinstance(new, RunConfig) else new
     plain = yaml.safe_load(yaml.safe_dump(sections, sort_keys=False))  # the values as config.yaml holds them
     changed = compare_configs(run.read_config(), plain, run_dir=str(run.path), sft=isinstance(cfg, SFTConfig))
-    if any(resume_rule(key) == "length" for key in changed):
-        from ..checkpoints import checkpoint_step
-
-        ckpt = run.find_resume_checkpoint(cfg.resume_from)
-        step = checkpoint_step(ckpt) if ckpt is not None else None
-        if step is not None and step > total_steps:
-            raise ConfigError(
-                f"{_length_setting(cfg)}: the run is now {total_steps} optimizer steps long, but its "
-                f"checkpoint {ckpt} is already at step {step}. Give a length of at least {step} steps "
-                f"(train.max_steps={step} ends it there), or resume from an earlier checkpoint "
-                "(train.resume_from=PATH)",
-                header="cannot resume with a shorter run",
-            )
+    if any(resume_rule(key) == "length" for key in changed) and resume.step > total_steps:
+        raise ConfigError(
+            f"{_length_setting(cfg)}: the run is now {total_steps} optimizer steps long, but its "
+            f"checkpoint {resume.checkpoint} is already at step {resume.step}. Give a length of at least "
+            f"{resume.step} steps (train.max_steps={resume.step} ends it there), or resume from an earlier "
+            "checkpoint (train.resume_from=PATH)",
+            header="cannot resume with a shorter run",
+        )
 
 
 def log_resume_length(resume: Resume | None, total_steps: int, cfg: TrainConfig) -> None:
