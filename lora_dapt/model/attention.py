@@ -15,14 +15,24 @@ forward argument (:func:`packed_attention_kwargs`), which transformers hands thr
 function of every layer (and to the layers that gradient checkpointing recomputes). A forward without one
 (a user's own ``model(...)`` call) finds the documents again in each layer: correct, and on the CPU about as
 fast (the check is a count and one comparison per document), but on a GPU each layer then waits for the copy.
+
+Kernels (:func:`varlen_kernel`): on the CPU each document is one SDPA call (a Python loop, which costs
+nothing next to the CPU's matmuls). On CUDA a loop over many short documents is launch-bound, so the whole
+packed batch goes to one variable-length kernel fed with the documents' cumulative lengths
+(:func:`cu_seqlens`): flash-attn's ``flash_attn_varlen_func`` when installed, else PyTorch's own
+``torch.nn.attention.varlen.varlen_attn`` (both need fp16/bf16 and no attention dropout), else flex
+attention with a document mask (any dtype; compiled on CUDA), else the loop. The choice is logged once per
+loaded model (:func:`pick_attention`).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import inspect
 import itertools
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -36,6 +46,71 @@ SPAN_CACHE_KWARG = "lora_dapt_span_cache"
 
 Spans = list[list[tuple[int, int]]]
 """Per row of a batch, the ``[start, end)`` spans of its documents."""
+
+Kernel = Literal["flash_attn", "torch_varlen", "flex", "loop"]
+"""How :func:`packed_sdpa_attention` runs the documents of a packed batch (see the module docstring)."""
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def document_lengths(position_ids: torch.Tensor) -> list[list[int]]:
+    """Per row, the lengths of the packed documents: a new one wherever the position does not go up by one
+    (the rule transformers and :func:`_packed_spans` use; padding is a document of its own).
+
+    Example: ``document_lengths(torch.tensor([[0, 1, 2, 0, 1]]))`` -> ``[[3, 2]]``.
+    """
+    pos = position_ids if position_ids.dim() == 2 else position_ids[None]
+    length = pos.shape[-1]
+    new_doc = (pos[:, 1:] - pos[:, :-1] != 1).cpu()
+    out = []
+    for row in new_doc:
+        starts = (torch.nonzero(row).flatten() + 1).tolist()
+        out.append([e - s for s, e in itertools.pairwise([0, *starts, length])])
+    return out
+
+
+def cu_seqlens(spans: Spans, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
+    """(cumulative lengths, longest document) of ``spans`` over the flattened ``[batch * seq]`` token axis:
+    what varlen kernels take. int32, one entry more than there are documents.
+
+    Example: spans ``[[(0, 3), (3, 5)], [(0, 5)]]`` -> ``(tensor([0, 3, 5, 10]), 5)``.
+    """
+    lengths = [e - s for row in spans for s, e in row]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    return cu, max(lengths)
+
+
+@functools.lru_cache(maxsize=8)
+def _installed(module: str) -> bool:
+    # what is installed does not change while a process runs; find_spec walks sys.path when it is absent
+    return importlib.util.find_spec(module) is not None
+
+
+def _torch_varlen() -> Any | None:
+    """PyTorch's ``varlen_attn`` (torch >= 2.10), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_kernel(device: torch.device | str, dtype: torch.dtype, *, dropout: float = 0.0) -> Kernel:
+    """The kernel :func:`packed_sdpa_attention` uses for a packed batch on ``device`` in ``dtype``.
+
+    'loop' (one causal SDPA call per document) on the CPU and wherever no varlen kernel applies; on CUDA
+    'flash_attn' (flash-attn installed, fp16/bf16, no dropout), else 'torch_varlen' (PyTorch's own varlen
+    flash kernel, fp16/bf16, no dropout), else 'flex' (flex attention with a document mask, no dropout).
+    """
+    if torch.device(device).type != "cuda" or dropout > 0:
+        return "loop"
+    if dtype in _HALF and _installed("flash_attn"):
+        return "flash_attn"
+    if dtype in _HALF and _torch_varlen() is not None:
+        return "torch_varlen"
+    if _installed("torch.nn.attention.flex_attention"):
+        return "flex"
+    return "loop"
 
 
 def _packed_spans(
@@ -96,6 +171,7 @@ class SpanCache:
 
     def __init__(self) -> None:
         self._entries: list[tuple[torch.Tensor | None, torch.Tensor, Spans | None]] = []
+        self._layouts: list[tuple[Spans, str, Any]] = []
 
     def spans(
         self, mask: torch.Tensor | None, position_ids: torch.Tensor, batch: int, length: int
@@ -107,6 +183,15 @@ class SpanCache:
         spans = _packed_spans(mask, position_ids, batch, length)
         self._entries.append((mask, position_ids, spans))
         return spans
+
+    def layout(self, spans: Spans, kernel: str, device: torch.device, length: int) -> Any:
+        """:func:`_kernel_layout` of ``spans`` (cumulative lengths, a flex block mask), built once a forward."""
+        for known, known_kernel, layout in self._layouts:
+            if known is spans and known_kernel == kernel:
+                return layout
+        layout = _kernel_layout(spans, kernel, device, length)
+        self._layouts.append((spans, kernel, layout))
+        return layout
 
 
 def packed_attention_kwargs(model: Any) -> dict[str, Any]:
@@ -170,28 +255,17 @@ def packed_sdpa_attention(
         else:
             spans = _packed_spans(attention_mask, position_ids, batch, q_len)
         if spans is not None:
-            # Documents are cut out of token-major views with one split per tensor: its backward is a single
-            # concatenation, where slicing each document out would zero-fill a full-size gradient per document.
-            lengths = [e - s for row in spans for s, e in row]
-            parts = [
-                torch.split(t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]), lengths)
-                for t in (query, key, value)
-            ]
-            out = [
-                sdpa_attention_forward(
-                    module,
-                    q.transpose(0, 1).unsqueeze(0),
-                    k.transpose(0, 1).unsqueeze(0),
-                    v.transpose(0, 1).unsqueeze(0),
-                    None,
-                    dropout=dropout,
-                    scaling=scaling,
-                    is_causal=True,
-                )[0]
-                for q, k, v in zip(*parts, strict=True)
-            ]
-            joined = out[0] if len(out) == 1 else torch.cat(out, dim=1)  # [1, batch * seq, heads, head_dim]
-            return joined.reshape(batch, q_len, *joined.shape[2:]), None
+            kernel = varlen_kernel(query.device, query.dtype, dropout=dropout)
+            layout = None
+            if kernel != "loop":
+                layout = (
+                    cache.layout(spans, kernel, query.device, q_len)
+                    if cache is not None
+                    else _kernel_layout(spans, kernel, query.device, q_len)
+                )
+            return packed_attention(
+                query, key, value, spans, kernel=kernel, scaling=scaling, dropout=dropout, layout=layout
+            ), None
     return sdpa_attention_forward(
         module,
         query,
@@ -203,6 +277,108 @@ def packed_sdpa_attention(
         is_causal=is_causal,
         **kwargs,
     )
+
+
+def _kernel_layout(spans: Spans, kernel: str, device: torch.device, length: int) -> Any:
+    """What ``kernel`` needs besides q/k/v: (cu_seqlens, longest document) for the varlen kernels, a flex
+    ``BlockMask`` (causal within each document) for 'flex', None for the loop."""
+    if kernel in ("flash_attn", "torch_varlen"):
+        return cu_seqlens(spans, device)
+    if kernel != "flex":
+        return None
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = torch.tensor(
+        [[i for i, (s, e) in enumerate(row) for _ in range(e - s)] for row in spans], device=device
+    )  # [batch, seq]: the document index of every position
+
+    def same_document_causal(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, len(spans), None, length, length, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex() -> Any:
+    # flex attention is only fast compiled; compiling once per process is what PyTorch recommends
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def packed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    spans: Spans,
+    *,
+    kernel: Kernel = "loop",
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    layout: Any = None,
+) -> torch.Tensor:
+    """Causal attention within each document of a packed batch, with ``kernel`` (:func:`varlen_kernel`).
+
+    ``query`` [batch, heads, seq, head_dim], ``key``/``value`` [batch, kv_heads, seq, head_dim] (grouped-query
+    heads are shared, never copied by the varlen kernels); returns [batch, seq, heads, head_dim], what
+    transformers' attention functions return. ``spans`` tile each row (:func:`_packed_spans`); ``layout`` is
+    :func:`_kernel_layout` when the caller keeps it for the forward (built here otherwise).
+    """
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    if kernel == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        block_mask = layout if layout is not None else _kernel_layout(spans, kernel, query.device, length)
+        flex = _compiled_flex() if query.device.type == "cuda" else flex_attention
+        out = flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=kv_heads != heads)
+        return out.transpose(1, 2)
+    if kernel in ("flash_attn", "torch_varlen"):
+        cu, longest = layout if layout is not None else _kernel_layout(spans, kernel, query.device, length)
+        q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], head_dim) for t in (query, key, value))
+        if kernel == "flash_attn":
+            from flash_attn import flash_attn_varlen_func
+
+            out = flash_attn_varlen_func(
+                q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=True
+            )
+        else:
+            varlen_attn = _torch_varlen()
+            out = varlen_attn(
+                q,
+                k,
+                v,
+                cu,
+                cu,
+                longest,
+                longest,
+                scale=scaling,
+                window_size=(-1, 0),
+                enable_gqa=kv_heads != heads,
+            )
+        return out.reshape(batch, length, heads, head_dim)
+    # the loop. Documents are cut out of token-major views with one split per tensor: its backward is a single
+    # concatenation, where slicing each document out would zero-fill a full-size gradient per document.
+    lengths = [e - s for row in spans for s, e in row]
+    parts = [
+        torch.split(t.transpose(1, 2).reshape(-1, t.shape[1], head_dim), lengths) for t in (query, key, value)
+    ]
+    out = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=True,
+            enable_gqa=kv_heads != heads,
+        )
+        .squeeze(0)
+        .transpose(0, 1)
+        for q, k, v in zip(*parts, strict=True)
+    ]  # each [doc_len, heads, head_dim]
+    joined = out[0] if len(out) == 1 else torch.cat(out, dim=0)  # [batch * seq, heads, head_dim]
+    return joined.reshape(batch, length, heads, head_dim)
 
 
 def register_packed_sdpa() -> str:
@@ -244,15 +420,20 @@ def pick_attention(model_config: Any, requested: str | None, device: torch.devic
     flash_attention_2 (varlen) on CUDA when installed; otherwise sdpa, whose mask transformers builds from
     position_ids when no attention_mask is passed (:func:`~lora_dapt.model.load.load_base_model` then
     switches it to :func:`packed_sdpa_attention`, which runs each packed document with the unmasked causal
-    kernel). ``model_config`` is not consulted yet; it is where a per-architecture choice would look.
+    kernel, or a varlen kernel on CUDA: :func:`varlen_kernel`; the choice is logged here, once per load).
+    ``model_config`` is not consulted yet; it is where a per-architecture choice would look.
     """
     if requested:
         return requested
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
+    if device.type == "cuda" and _installed("flash_attn"):
+        log.info("attention: flash_attention_2 (flash-attn's varlen kernel, documents split by position_ids)")
+        return "flash_attention_2"
+    # the one place a load passes through: say once per model which kernel its packed documents will use
+    fp32 = varlen_kernel(device, torch.float32)
+    log.info(
+        "attention: lora_dapt packed SDPA on %s; packed documents run with the %r kernel in bf16/fp16 (%r in fp32)",
+        device.type,
+        varlen_kernel(device, torch.bfloat16),
+        fp32,
+    )
     return "sdpa"
