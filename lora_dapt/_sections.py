@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import ConfigError
+from .synonyms import suggest
 
 
 def default_of(f: dataclasses.Field) -> Any:
@@ -52,15 +53,25 @@ def short_repr(value: Any, limit: int = REPR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def unknown_name(label: str, key: Any, known: Sequence[str], kind: str, listing: str) -> str:
-    """The problem line for an unknown key: the closest known name, or all of them when none is close.
+def unknown_name(
+    label: str, key: Any, known: Sequence[str], kind: str, listing: str, *, section: str | None = None
+) -> str:
+    """The problem line for an unknown key: where lora_dapt keeps it (another tool's name, or one of our
+    keys in the wrong place: :func:`lora_dapt.synonyms.suggest`, asked when ``section`` says where the key
+    was met, '' for a config's top level), else the closest known name, or all of them when none is close.
 
     >>> unknown_name("train.lerning_rate", "lerning_rate", ["learning_rate", "seed"], "key", "known keys: ")
     "train.lerning_rate: unknown key; did you mean 'learning_rate'?"
     """
     key = str(key)[:REPR_CHARS]
+    where = suggest(key, section) if section is not None else None
     guess = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean '{guess[0]}'?" if guess else f"; {listing}{', '.join(known)}"
+    if where:
+        hint = f"; {where}"
+    elif guess:
+        hint = f"; did you mean '{guess[0]}'?"
+    else:
+        hint = f"; {listing}{', '.join(known)}"
     label = label if len(label) <= REPR_CHARS else short_repr(label)
     return f"{label}: unknown {kind}{hint}"
 
@@ -245,7 +256,11 @@ class Section:
         problems = []
         for key in list(data):
             if key not in names:
-                problems.append(unknown_name(f"{prefix}{key}", key, names, "key", "known keys: "))
+                problems.append(
+                    unknown_name(
+                        f"{prefix}{key}", key, names, "key", "known keys: ", section=cls._section or None
+                    )
+                )
                 del data[key]
         try:
             obj = cls(**data)

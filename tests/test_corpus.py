@@ -270,7 +270,8 @@ def test_directory_of_files_with_bad_inputs(tmp_path, tiny_tokenizer, domain_fil
     for line in (
         f"binary files (skipped): 1 (e.g. {d / 'binary.txt'})",
         f"files with undecodable bytes (replaced by U+FFFD, kept): 1 (e.g. {d / 'latin1.txt'})",
-        f"files with an unknown extension (skipped): 1 (e.g. {d / 'notes.docx'})",
+        "files with an unknown extension (skipped; read one as text with data.extensions: ['+.ext']): 1 "
+        f"(e.g. {d / 'notes.docx'})",
         f"  dropped empty: 1 (e.g. {d / 'empty.txt'})",
         f"hidden files/directories (skipped): 1 (e.g. {d / '.hidden.txt'})",
         f"sources that matched no file: 1 (e.g. {tmp_path / 'nope' / '*.txt'})",

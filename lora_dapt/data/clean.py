@@ -129,13 +129,14 @@ def _select_documents(
 
 def _near_dedupe(docs: datasets.Dataset, kept: list[int], threshold: float, tally: _Tally) -> list[int]:
     from datasketch import MinHash, MinHashLSH
-    from tqdm.auto import tqdm
+
+    from ..progress import track
 
     lsh = MinHashLSH(threshold=threshold, num_perm=128)
     out = []
     texts = docs.data.column("text")
     sources = docs.data.column("source")
-    for i in tqdm(kept, desc="near-duplicates", unit="doc", disable=len(kept) < 1000):
+    for i in track(kept, "near-duplicates", unit="doc", disable=len(kept) < 1000):
         m = MinHash(num_perm=128, seed=1)
         m.update_batch(_shingles(texts[i].as_py()))
         if lsh.query(m):

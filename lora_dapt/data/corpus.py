@@ -24,9 +24,14 @@ Design choices and their trade-offs:
   dropped (counted as ``in_eval``).
 * Cache: the result is stored under ``cache_dir/lora_dapt-corpus/<key>`` where the key hashes the inputs
   (paths with size and mtime, dataset fingerprints, text hashes), the data config and the tokenizer. The same
-  inputs load the stored blocks instead of recomputing them. An ``IterableDataset`` cannot be fingerprinted,
-  so a corpus built from one is not cached.
-* Where each step lives: :mod:`.sources` (resolving and reading sources into a documents table),
+  inputs load the stored blocks instead of recomputing them. An in-memory ``IterableDataset`` cannot be
+  fingerprinted, so a corpus built from one is not cached; a datasets spec (streaming or not) is keyed by
+  the spec and its local files' stamps (:mod:`.hf`), so it is.
+* Mixing: ``data.mixture`` components (or the replay short form) at their token fractions, by
+  :mod:`.mixture` (the first component is the domain and holds the eval split; a short component limits
+  the others, said in the log and the stats).
+* Where each step lives: :mod:`.sources` (resolving and reading sources into a documents table; datasets
+  specs: :mod:`.specs`, :mod:`.hf`), :mod:`.mixture` (components and their fractions),
   :mod:`.clean` (filters, de-duplication, the split), :mod:`.pieces` (tokenizing, packing, replay
   selection), :mod:`.stats` (:class:`Corpus`, :class:`CorpusStats`); this module orchestrates and caches.
 * Near-duplicate removal (MinHash LSH) is a sequential Python pass: fine for hundreds of thousands of
@@ -39,9 +44,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -54,8 +57,11 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import DataError
 from .clean import _select_documents, _split, _Tally
-from .pieces import pack_pieces, piece_lengths, select_replay, tokenize_documents
+from .hf import describe_spec
+from .mixture import Component, mix_components, plan_components
+from .pieces import pack_pieces, piece_lengths, tokenize_documents
 from .sources import Source, as_source_list, is_texts, read_documents, resolve_path
+from .specs import is_spec, parse_spec
 from .stats import DROPS, PROBLEMS, Corpus, CorpusStats, format_stats
 
 __all__ = ["Corpus", "CorpusStats", "format_stats", "prepare_corpus", "resolve_special_tokens"]
@@ -66,7 +72,8 @@ log = logging.getLogger("lora_dapt")
 _EVAL_DOCS_CHARS = 5_000_000  # cap on Corpus.eval_documents
 
 
-_VERSION = "3"  # bump when the output of the pipeline changes for the same inputs (3: num_proc-independent)
+_VERSION = "5"  # bump when the output of the pipeline changes for the same inputs (4: blocks carry bytes;
+# 5: mixture stats, replay cleaned like the domain)
 
 
 _CACHED_FILES = ("train.arrow", "eval.arrow", "stats.json", "eval_documents.json")
@@ -84,10 +91,12 @@ def prepare_corpus(
     """Read, clean, split, tokenize and pack a domain corpus (see the module docstring for the trade-offs).
 
     Args:
-        sources: paths, globs, directories (recursive), ``datasets.Dataset``/``IterableDataset`` objects, or
+        sources: paths, globs, directories (recursive), datasets spec mappings (``{"hf": "data/dir",
+            "streaming": True}``, :mod:`.specs`), ``datasets.Dataset``/``IterableDataset`` objects, or
             lists of document texts; a single one or a list of them. A plain ``list[str]`` is read as PATHS
             (like ``DataConfig.sources``); to pass texts, nest them: ``[["doc one", "doc two"]]``, or use
-            ``datasets.Dataset.from_dict({"text": texts})``. None: ``config.sources``.
+            ``datasets.Dataset.from_dict({"text": texts})``. None (or empty): ``config.sources``, or the
+            components of ``config.mixture`` (:mod:`.mixture`: fractions, shortfalls, eval).
         tokenizer: a transformers tokenizer (fast ones are used through their Rust backend).
         config: cleaning, split, packing and replay settings (default ``DataConfig()``).
         eval_sources, replay_sources: override ``config.eval_sources``/``config.replay_sources`` (same forms
@@ -100,19 +109,16 @@ def prepare_corpus(
     """
     t0 = time.perf_counter()
     cfg = config or DataConfig()
-    src = as_source_list(sources) if sources is not None else list(cfg.sources)
     ev_src = as_source_list(eval_sources) if eval_sources is not None else list(cfg.eval_sources)
-    rp_src = as_source_list(replay_sources) if replay_sources is not None else list(cfg.replay_sources)
-    if not src:
-        raise DataError("no sources given: pass files, globs, directories or datasets (data.sources)")
-    if cfg.replay_fraction > 0 and not rp_src:
-        raise DataError(f"replay_fraction = {cfg.replay_fraction} but no replay sources: give replay_sources")
+    # an empty sources list is "none given" (what run() passes for a config with data.mixture)
+    components = plan_components(sources if as_source_list(sources) else None, replay_sources, cfg)
+    src = components[0].sources
     bos, eos = resolve_special_tokens(tokenizer, cfg)
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None), 0)
 
     root = Path(cfg.cache_dir) if cfg.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
     root = root / "lora_dapt-corpus"
-    key = _cache_key([src, ev_src, rp_src], tokenizer, cfg, bos, eos, pad_id)
+    key = _cache_key(components, ev_src, tokenizer, cfg, bos, eos, pad_id)
     if key is None:
         log.info("an IterableDataset source cannot be fingerprinted: the prepared corpus is not cached")
     elif use_cache and (root / key / "stats.json").is_file():
@@ -121,12 +127,8 @@ def prepare_corpus(
     with _work_dir(root, key) as work:
         stats = CorpusStats(seq_len=cfg.seq_len, add_bos=bos is not None, add_eos=eos is not None)
         # 1. read every source into a table of documents and report rows
-        docs = read_documents(src, cfg.text_field, cfg.normalize, work, "domain", cfg.num_proc)
-        ev_docs = (
-            read_documents(ev_src, cfg.text_field, cfg.normalize, work, "eval", cfg.num_proc)
-            if ev_src
-            else None
-        )
+        docs = read_documents(src, cfg, work, "domain")
+        ev_docs = read_documents(ev_src, cfg, work, "eval") if ev_src else None
         # 2. clean (filters, de-duplication) and split by document
         train_docs, eval_docs = _clean_and_split(docs, ev_docs, cfg, stats)
         if len(train_docs) == 0:
@@ -149,10 +151,11 @@ def prepare_corpus(
             else None
         )
         _count_tokens(stats, train_pieces, eval_pieces)
-        # 4. replay: general text, a seeded sample of whole documents (the last one cut to fit the budget)
-        if cfg.replay_fraction > 0:
-            replay = _replay_pieces(rp_src, tokenizer, cfg, bos, eos, work, stats)
-            train_pieces = datasets.concatenate_datasets([train_pieces, replay])
+        # 4. the mix: replay or other components at their fractions, seeded samples of whole documents
+        if len(components) > 1:
+            train_pieces = mix_components(
+                train_pieces, components, eval_docs, tokenizer, cfg, (bos, eos), work, stats
+            )
         # 5. pack
         train, cuts = pack_pieces(train_pieces, cfg.seq_len, pad_id, work / "train.arrow", "packing train")
         ev, ev_cuts = (
@@ -251,7 +254,8 @@ def _no_documents(stats: CorpusStats, src: Sequence[Any]) -> DataError:
         return DataError(
             f"no training documents: the sources {', '.join(names)}{more} matched no readable file or row "
             f"({stats.what_happened()}). Check the paths and globs (directories are searched recursively "
-            "for .txt .md .rst .jsonl .json .parquet .csv)" + _texts_hint(src)
+            "for .txt .md .rst .jsonl .json .parquet .csv, source code and markup; data.extensions adds "
+            "others)" + _texts_hint(src)
         )
     return DataError(
         f"no training documents left after cleaning: {stats.what_happened()}. Check the sources and "
@@ -292,56 +296,6 @@ def _count_tokens(
     stats.continuation_pieces = n_pieces - stats.documents_kept
 
 
-def _replay_pieces(
-    rp_src: list[Any],
-    tokenizer: Any,
-    cfg: DataConfig,
-    bos: int | None,
-    eos: int | None,
-    work: Path,
-    stats: CorpusStats,
-) -> datasets.Dataset:
-    """Replay pieces worth ``replay_fraction`` of the training tokens (``stats.train_tokens`` so far: the
-    domain's); adds them to ``stats``."""
-    rp_docs = read_documents(rp_src, cfg.text_field, cfg.normalize, work, "replay", cfg.num_proc)
-    rp_tally = _Tally()
-    rp_idx, _ = _select_documents(rp_docs, cfg.replace(min_chars=1, near_dedupe=False), rp_tally)
-    if not rp_idx:
-        names = ", ".join(_source_name(s) for s in rp_src[:3])
-        found = "; ".join(f"{n} {PROBLEMS.get(k, DROPS.get(k, k))}" for k, n in rp_tally.counts.items() if n)
-        raise DataError(
-            f"data.replay_sources ({names}) hold no usable document ({found or 'nothing found'}): check the "
-            "paths, or set data.replay_fraction to 0"
-        )
-    random.Random(cfg.seed + 1).shuffle(rp_idx)
-    target = math.ceil(stats.train_tokens * cfg.replay_fraction / (1 - cfg.replay_fraction))
-    # tokenize only about as many characters as the budget needs (x1.5 + 64 documents of margin)
-    chars = _column(rp_docs, "chars")[rp_idx] if rp_idx else np.zeros(0)
-    budget = target / max(stats.tokens_per_char, 1e-3) * 1.5
-    n_take = min(len(rp_idx), int(np.searchsorted(np.cumsum(chars), budget)) + 64)
-    pieces = tokenize_documents(
-        rp_docs.select(rp_idx[:n_take]),
-        tokenizer,
-        cfg,
-        bos,
-        eos,
-        work / "replay-pieces.arrow",
-        "tokenizing replay",
-    )
-    pieces, got, n_docs = select_replay(pieces, target)
-    if got < target:
-        log.warning(
-            "replay sources hold %d tokens, fewer than the %d asked for (replay_fraction %.3f): all used",
-            got,
-            target,
-            cfg.replay_fraction,
-        )
-    stats.replay_tokens, stats.replay_documents = got, n_docs
-    stats.special_tokens += _specials(stats) * n_docs
-    stats.train_tokens += got
-    return pieces
-
-
 def _count_blocks(
     stats: CorpusStats, train: datasets.Dataset, ev: datasets.Dataset | None, cuts: int
 ) -> None:
@@ -379,16 +333,23 @@ def _sha(text: str) -> str:
 
 
 def _cache_key(
-    sources: list[list[Any]], tokenizer: Any, cfg: DataConfig, bos: int | None, eos: int | None, pad_id: int
+    components: list[Component],
+    ev_src: list[Any],
+    tokenizer: Any,
+    cfg: DataConfig,
+    bos: int | None,
+    eos: int | None,
+    pad_id: int,
 ) -> str | None:
     """A hash of everything the output depends on, or None when a source cannot be fingerprinted."""
-    described = [_describe(s) for s in sources]
+    described = [_describe(ev_src)] + [_describe(c.sources) for c in components]
     if any(d is None for d in described):
         return None
+    described.append([(c.name, c.weight) for c in components])
     settings = {
         k: v
         for k, v in cfg.to_dict().items()
-        if k not in ("num_proc", "cache_dir", "sources", "eval_sources", "replay_sources")
+        if k not in ("num_proc", "cache_dir", "sources", "eval_sources", "replay_sources", "mixture")
     }
     blob = json.dumps(
         [_VERSION, described, settings, _tokenizer_key(tokenizer), bos, eos, pad_id], default=str
@@ -409,6 +370,8 @@ def _describe(sources: Sequence[Any]) -> list[Any] | None:
                 except OSError:
                     stamps.append((f, None, None))
             out.append(["path", str(src), stamps])
+        elif is_spec(src):
+            out.append(describe_spec(parse_spec(src)))
         elif isinstance(src, datasets.Dataset):
             out.append(["dataset", src._fingerprint])
         elif is_texts(src):

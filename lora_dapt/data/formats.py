@@ -1,4 +1,9 @@
-"""One reader per file format: text, JSON Lines, JSON, CSV, Parquet.
+"""One reader per file format: text, JSON Lines, JSON, CSV, Parquet; and which extensions are read as what.
+
+Text is prose (.txt .md .rst) and, by default, source code, markup and configuration
+(:data:`CODE_EXTENSIONS`: .py .js .ts .java .c .h .cpp .go .rs .sh .sql .html .xml .tex .yaml .toml ...),
+each file one document; ``DataConfig.extensions`` restricts or extends the set
+(:func:`readable_extensions`). Binary files are found by content (a NUL byte), whatever their extension.
 
 The readers know how a format is laid out, not what the caller does with a row: :mod:`.sources` turns rows
 into corpus documents (and bad rows into report rows), :mod:`.conversations` turns them into SFT
@@ -29,11 +34,78 @@ import csv
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
+from .._sections import short_repr
+
 _READ_BYTES = 1 << 22  # text files are read in chunks of this many bytes
+
+
+PROSE_EXTENSIONS = (".txt", ".md", ".rst")
+"""Prose read whole, one document per file."""
+
+
+CODE_EXTENSIONS = (
+    # source code
+    ".py", ".pyi", ".js", ".jsx", ".mjs", ".ts", ".tsx", ".java", ".c", ".h", ".cc", ".cpp", ".cxx",
+    ".hpp", ".hh", ".cs", ".go", ".rs", ".sh", ".bash", ".zsh", ".ps1", ".sql", ".rb", ".php", ".swift",
+    ".kt", ".kts", ".scala", ".lua", ".r", ".m", ".mm", ".pl", ".pm", ".jl", ".hs", ".ml", ".ex", ".exs",
+    ".erl", ".clj", ".dart", ".f90", ".vb", ".groovy", ".cmake", ".proto", ".cu",
+    # markup, styles and configuration
+    ".html", ".htm", ".xml", ".xhtml", ".tex", ".bib", ".css", ".scss", ".less", ".yaml", ".yml",
+    ".toml", ".ini", ".cfg", ".conf", ".properties", ".adoc", ".org",
+)  # fmt: skip
+"""Source code, markup and configuration, read as text (one document per file) unless
+``DataConfig.extensions`` says otherwise. Not here: ``.svg`` and ``.ipynb`` (mostly base64 images; add them
+with ``'+.ipynb'``), and files without an extension (``Makefile``: reported as ``unknown_extension``)."""
+
+
+TEXT_EXTENSIONS = PROSE_EXTENSIONS + CODE_EXTENSIONS
+"""Every extension read whole as text by default."""
+
+
+TABLE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+"""One document per row, from the column ``DataConfig.text_field``."""
+
+
+def readable_extensions(rules: Sequence[str] = ()) -> tuple[frozenset[str], frozenset[str]]:
+    """(text extensions, table extensions) read under ``DataConfig.extensions`` rules.
+
+    No rules: :data:`TEXT_EXTENSIONS` and :data:`TABLE_EXTENSIONS`. Plain entries (``'.py'``) replace that
+    default with exactly themselves; ``'+.foo'`` adds ``.foo`` (read as text) and ``'-.html'`` removes one,
+    from the default or from the plain entries. A table extension stays a table format when kept.
+
+    >>> text, tables = readable_extensions([".py", ".jsonl"])
+    >>> sorted(text), sorted(tables)
+    (['.py'], ['.jsonl'])
+    >>> ".foo" in readable_extensions(["+.foo"])[0], ".html" in readable_extensions(["-.html"])[0]
+    (True, False)
+    """
+    rules = [r.lower() for r in rules]
+    plain = {r for r in rules if r[:1] == "."}
+    chosen = set(plain) if plain else set(TEXT_EXTENSIONS + TABLE_EXTENSIONS)
+    chosen |= {r[1:] for r in rules if r[:1] == "+"}
+    chosen -= {r[1:] for r in rules if r[:1] == "-"}
+    tables = frozenset(e for e in chosen if e in TABLE_EXTENSIONS)
+    return frozenset(chosen - tables), tables
+
+
+def extension_problems(rules: Sequence[Any], key: str = "data.extensions") -> list[str]:
+    """Problem lines for ``DataConfig.extensions`` rules that are not '.ext', '+.ext' or '-.ext'."""
+    out = []
+    for i, rule in enumerate(rules):
+        body = rule[1:] if isinstance(rule, str) and rule[:1] in "+-" else rule
+        if not (isinstance(body, str) and _EXT.fullmatch(body)):
+            out.append(
+                f"{key}[{i}] = {short_repr(rule)}: give an extension with its dot: '.py' (read only the listed "
+                "extensions), '+.foo' (read .foo as text besides the default ones) or '-.html' (skip one)"
+            )
+    return out
+
+
+_EXT = re.compile(r"\.[A-Za-z0-9_+-]{1,20}")
 
 
 _BINARY_PROBE = 8192  # a file with a NUL byte in its first this many bytes is binary

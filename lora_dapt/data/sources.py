@@ -8,10 +8,15 @@ What is resolved how:
   :class:`Skipped` (``not_found``, ``hidden``, ``not_regular``, ``symlink_loop``, ``seen_twice``), and each
   caller decides what it means: :func:`read_documents` (the corpus) makes report rows of them,
   :func:`read_text_sources` and the SFT reader raise a ``DataError`` for what they cannot read.
+* A **datasets spec** mapping ``{hf: NAME_OR_DIR, split, name, data_files, text_field, streaming}``
+  (:mod:`.specs`) is loaded by :mod:`.hf` and read like a dataset; its rows are named ``hf:NAME[split][i]``.
 * A **datasets.Dataset / IterableDataset** gives the column ``text_field`` of every row.
 * A **list or tuple of strings** nested inside the sources list is in-memory document texts.
 
-Files are read by :mod:`.formats` (one reader per format). :func:`read_documents` streams every document
+Files are read by :mod:`.formats` (one reader per format); which extensions are read, and as text or as a
+table, is :func:`~.formats.readable_extensions` of ``DataConfig.extensions`` (prose, source code, markup
+and configuration by default); a file of another extension is ``unknown_extension``, one the rules leave
+out ``excluded_extension``. :func:`read_documents` streams every document
 into one Arrow table next to *report rows* (status != "ok") for what could not be used, so nothing vanishes
 silently and counts made in worker processes come back inside the rows: a file's undecodable bytes are a
 report row its reader yields, not a counter. Text is UTF-8, or UTF-16/UTF-32 when a byte order mark says
@@ -25,17 +30,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import datasets
 
+from ..config import DataConfig
 from ..errors import DataError
 from .clean import clean_text
 from .formats import (
+    TABLE_EXTENSIONS,
+    TEXT_EXTENSIONS,
     Row,
     Utf8Decoder,
     csv_rows,
@@ -43,12 +52,18 @@ from .formats import (
     json_rows,
     jsonl_rows,
     parquet_rows,
+    readable_extensions,
     sniff_encoding,
     text_chunks,
 )
+from .hf import load_spec
 from .resolve import Resolved, SkipKind, Skipped, resolve_path
+from .specs import is_spec, parse_spec
 
 __all__ = [
+    "TABLE_EXTENSIONS",
+    "TEXT_EXTENSIONS",
+    "ReadOptions",
     "Resolved",
     "SkipKind",
     "Skipped",
@@ -59,30 +74,44 @@ __all__ = [
     "resolve_path",
 ]
 
-TEXT_EXTENSIONS = (".txt", ".md", ".rst")
-"""Read whole, one document per file."""
+Source = str | os.PathLike | Mapping[str, Any] | datasets.Dataset | datasets.IterableDataset | Sequence[str]
+"""A path, glob or directory; a datasets spec mapping; a ``datasets`` dataset; or a list/tuple of texts."""
 
 
-TABLE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
-"""One document per row, from the column ``DataConfig.text_field``."""
+@dataclass(frozen=True)
+class ReadOptions:
+    """What reading a file needs from the data config (small and picklable, for worker processes)."""
+
+    text_field: str = "text"
+    normalize: bool = True
+    text_exts: frozenset[str] = frozenset(TEXT_EXTENSIONS)
+    table_exts: frozenset[str] = frozenset(TABLE_EXTENSIONS)
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> ReadOptions:
+        text, tables = readable_extensions(cfg.extensions)
+        return cls(cfg.text_field, cfg.normalize, text, tables)
 
 
-Source = str | os.PathLike | datasets.Dataset | datasets.IterableDataset | Sequence[str]
-"""A path, glob or directory; a ``datasets`` dataset; or a list/tuple of document texts."""
+def read_text_sources(sources: str | Path | Mapping[str, Any] | Sequence[Any]) -> list[str]:
+    """Read text files (prose, code, markup: ``TEXT_EXTENSIONS``) given as paths, directories (searched
+    recursively) or globs, one text per file; a datasets spec mapping gives its ``text_field`` column
+    (default ``"text"``), one text per row.
 
-
-def read_text_sources(sources: str | Path | Sequence[str | Path]) -> list[str]:
-    """Read .txt/.md/.rst files given as paths, directories (searched recursively) or globs; one text per file.
-
-    Strict: a source that names no file, or a file that is not UTF-8 text, raises ``DataError``.
+    Strict: a source that names no file, a file that is not UTF-8 text, or a spec row without a string text
+    raises ``DataError``.
 
     Example::
 
         texts = read_text_sources(["notes/*.md", "extra.txt"])
     """
-    items = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    items = [sources] if isinstance(sources, (str, Path, Mapping)) else list(sources)
     files: list[str] = []
+    rows: list[str] = []
     for item in items:
+        if is_spec(item):
+            rows += _spec_texts(parse_spec(item))
+            continue
         found = resolve_path(item, TEXT_EXTENSIONS)
         if found.kind in ("glob", "missing") and not found.files:
             raise DataError(
@@ -106,7 +135,19 @@ def read_text_sources(sources: str | Path | Sequence[str | Path]) -> list[str]:
                 f"{f}: cannot read as UTF-8 text: {decoder.first_error}; {decoder.replaced} undecodable "
                 "sequence(s) in all"
             )
-    return texts
+    return texts + rows
+
+
+def _spec_texts(spec: Any) -> list[str]:
+    """The texts of a datasets spec (strict: every row must hold a string ``text_field``)."""
+    field_ = spec.text_field or "text"
+    out = []
+    for i, row in enumerate(load_spec(spec)):
+        value = row.get(field_) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            raise DataError(f"{spec.label}[{i}]: no string '{field_}' in the row; set text_field in the spec")
+        out.append(value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,7 +315,7 @@ def _named(path: str, rows: Iterable[Row]) -> Iterator[tuple[str, Any, str | Non
 _TABLE_READERS = {".jsonl": jsonl_rows, ".json": partial(json_rows, unwrap=True), ".csv": csv_rows}
 
 
-def _read_file(path: str, text_field: str, normalize: bool) -> Iterator[dict[str, Any]]:
+def _read_file(path: str, opts: ReadOptions) -> Iterator[dict[str, Any]]:
     """Rows (documents and reports) of one file; a file that fails gives a report row, never an exception.
 
     Text is UTF-8, or UTF-16/UTF-32 when the file starts with that byte order mark (reported as
@@ -282,8 +323,10 @@ def _read_file(path: str, text_field: str, normalize: bool) -> Iterator[dict[str
     its format.
     """
     ext = Path(path).suffix.lower()
-    if ext not in TEXT_EXTENSIONS + TABLE_EXTENSIONS:
-        yield _report(path, "unknown_extension", ext or "(none)")
+    text_field, normalize = opts.text_field, opts.normalize
+    if ext not in opts.text_exts and ext not in opts.table_exts:
+        known = ext in TEXT_EXTENSIONS or ext in TABLE_EXTENSIONS
+        yield _report(path, "excluded_extension" if known else "unknown_extension", ext or "(none)")
         return
     yield _report(path, "file_read", "", 1)
     decoder: Utf8Decoder | None = None
@@ -298,9 +341,9 @@ def _read_file(path: str, text_field: str, normalize: bool) -> Iterator[dict[str
                 return
             if decoder.encoding != "utf-8":
                 yield _report(path, "transcoded", decoder.encoding)
-            if ext in TEXT_EXTENSIONS:
+            if ext in opts.text_exts:
                 yield from _text_file_docs(f, path, normalize, decoder)
-        if ext not in TEXT_EXTENSIONS:
+        if ext not in opts.text_exts:
             rows = _TABLE_READERS[ext](path, decoder=decoder)
             kind = "bad_rows" if ext == ".csv" else "invalid_json"
             yield from _rows_docs(_named(path, rows), path, text_field, normalize, kind)
@@ -328,28 +371,31 @@ def _write_rows(path: str, rows: Iterable[dict[str, Any]]) -> None:
         writer.finalize()
 
 
-def _read_files_job(args: tuple[str, list[str], list[dict[str, Any]], str, bool]) -> str:
+def _read_files_job(args: tuple[str, list[str], list[dict[str, Any]], ReadOptions]) -> str:
     """One worker's share: its files (and the resolver's report rows) into one Arrow file."""
-    path, files, reports, text_field, normalize = args
+    path, files, reports, opts = args
 
     def rows() -> Iterator[dict[str, Any]]:
         yield from reports
         for f in files:
-            yield from _read_file(f, text_field, normalize)
+            yield from _read_file(f, opts)
 
     _write_rows(path, rows())
     return path
 
 
 def _memory_rows(src: Any, name: str, text_field: str, normalize: bool) -> Iterator[dict[str, Any]]:
-    """Rows of an in-memory source: a list of texts, a Dataset or an IterableDataset."""
+    """Rows of an in-memory source: a list of texts, a Dataset or an IterableDataset (streamed: one row at a
+    time; a stream whose columns are not known up front gives its rows whole, and rows without the field
+    are counted as ``bad_rows``)."""
     if isinstance(src, (datasets.Dataset, datasets.IterableDataset)):
         cols = src.column_names
         if cols is not None and text_field not in cols:
             yield _report(name, "bad_rows", f"no column '{text_field}' (columns: {', '.join(cols)})")
             return
+        picked = src.select_columns([text_field]) if cols is not None else src
         rows: Iterable[Any] = (
-            r[text_field] if isinstance(r, dict) else r for r in src.select_columns([text_field])
+            r[text_field] if isinstance(r, dict) and cols is not None else r for r in picked
         )
     else:
         rows = src
@@ -371,22 +417,23 @@ def as_source_list(sources: Any) -> list[Any]:
     """A single source or a list of them -> a list (None -> [])."""
     if sources is None:
         return []
-    if isinstance(sources, (str, os.PathLike, datasets.Dataset, datasets.IterableDataset)):
+    if isinstance(sources, (str, os.PathLike, Mapping, datasets.Dataset, datasets.IterableDataset)):
         return [sources]
     return list(sources)
 
 
-def read_documents(
-    sources: Sequence[Any], text_field: str, normalize: bool, work: Path, tag: str, num_proc: int
-) -> datasets.Dataset:
+def read_documents(sources: Sequence[Any], cfg: DataConfig, work: Path, tag: str) -> datasets.Dataset:
     """All sources -> one Arrow table of document rows and report rows (memory-mapped, not in RAM).
 
-    Files are read by up to ``num_proc`` processes (at least 16 files each), each writing its own Arrow file
-    under ``work``; ``tag`` names the files and the in-memory sources in reports.
+    Files are read by up to ``cfg.num_proc`` processes (at least 16 files each), each writing its own Arrow
+    file under ``work``; ``tag`` names the files and the in-memory sources in reports. A datasets spec is
+    loaded here (:func:`~.hf.load_spec`; a streamed one is written to disk row by row).
     """
+    opts = ReadOptions.of(cfg)
+    text_field, normalize, num_proc = cfg.text_field, cfg.normalize, cfg.num_proc
     files: list[str] = []
     reports: list[dict[str, Any]] = []
-    memory: list[tuple[str, Any]] = []
+    memory: list[tuple[str, Any, str]] = []  # (name in reports, source, text field)
     for i, src in enumerate(sources):
         if isinstance(src, (str, os.PathLike)):
             found = resolve_path(src)
@@ -394,11 +441,15 @@ def read_documents(
             reports += [_report(s.name, s.kind, s.detail) for s in found.skipped]
         elif isinstance(src, (datasets.Dataset, datasets.IterableDataset)) or is_texts(src):
             kind = "texts" if is_texts(src) else type(src).__name__
-            memory.append((f"{tag}:{kind}#{i}", src))
+            memory.append((f"{tag}:{kind}#{i}", src, text_field))
+        elif is_spec(src):
+            spec = parse_spec(src, f"{tag} source #{i}")
+            hf_cache = Path(cfg.cache_dir) / "hf-datasets" if cfg.cache_dir else None
+            memory.append((spec.label, load_spec(spec, hf_cache), spec.text_field or text_field))
         else:
             raise DataError(
-                f"{tag} source #{i} is a {type(src).__name__}: give a path, glob or directory, a datasets.Dataset "
-                "or IterableDataset, or a list of document texts"
+                f"{tag} source #{i} is a {type(src).__name__}: give a path, glob or directory, a datasets spec "
+                "{hf: NAME_OR_DIR, ...}, a datasets.Dataset or IterableDataset, or a list of document texts"
             )
     n_jobs = max(1, min(num_proc, len(files) // 16))
     # contiguous shards, concatenated in order: the table is the same whatever num_proc (which is not part
@@ -406,7 +457,7 @@ def read_documents(
     size = -(-len(files) // n_jobs)
     shards = [files[j * size : (j + 1) * size] for j in range(n_jobs)]
     jobs = [
-        (str(work / f"{tag}-files-{j:05d}.arrow"), shard, reports if j == 0 else [], text_field, normalize)
+        (str(work / f"{tag}-files-{j:05d}.arrow"), shard, reports if j == 0 else [], opts)
         for j, shard in enumerate(shards)
     ]
     if n_jobs > 1:
@@ -414,8 +465,8 @@ def read_documents(
             paths = list(pool.map(_read_files_job, jobs))
     else:
         paths = [_read_files_job(jobs[0])]
-    for j, (name, src) in enumerate(memory):
+    for j, (name, src, field_) in enumerate(memory):
         path = str(work / f"{tag}-memory-{j:05d}.arrow")
-        _write_rows(path, _memory_rows(src, name, text_field, normalize))
+        _write_rows(path, _memory_rows(src, name, field_, normalize))
         paths.append(path)
     return datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in paths])

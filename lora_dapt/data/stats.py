@@ -12,7 +12,9 @@ import datasets
 
 PROBLEMS = {
     "not_found": "sources that matched no file",
-    "unknown_extension": "files with an unknown extension (skipped)",
+    "unknown_extension": "files with an unknown extension (skipped; read one as text with data.extensions: "
+    "['+.ext'])",
+    "excluded_extension": "files of an extension data.extensions leaves out (skipped)",
     "binary": "binary files (skipped)",
     "unreadable": "unreadable files (skipped)",
     "bad_rows": "rows without a usable text field (skipped)",
@@ -37,6 +39,33 @@ DROPS = {
     "in_eval": "identical to an eval document",
 }
 """Reasons a document is dropped, with a readable label."""
+
+
+@dataclass
+class ComponentStats:
+    """One component of the training mix (``data.mixture``, or the domain and replay of the short form)."""
+
+    name: str
+    weight: float
+    """Planned fraction of the training tokens (the weights normalised to sum to 1)."""
+    tokens: int = 0
+    """Training tokens taken from this component (special tokens included)."""
+    fraction: float = 0.0
+    """tokens / train_tokens, as achieved."""
+    documents: int = 0
+    """Documents the component's tokens come from (the last one may be cut to fit the share)."""
+    available_tokens: int | None = None
+    """Tokens the component held after cleaning; None when more than its share and not all tokenized."""
+    limiting: bool = False
+    """This component had the fewest tokens for its weight: it is used whole and sets the mixture's size."""
+    documents_read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Documents dropped by cleaning, by reason (duplicates within the component, in_eval, ...)."""
+
+    @property
+    def unused_tokens(self) -> int | None:
+        """Tokens left out to keep the fractions (None when not known)."""
+        return None if self.available_tokens is None else self.available_tokens - self.tokens
 
 
 @dataclass
@@ -81,9 +110,12 @@ class CorpusStats:
     """Text tokens (no special tokens) per character of the kept documents."""
     replay_documents: int = 0
     replay_tokens: int = 0
-    """Training tokens from replay_sources (special tokens included)."""
+    """Training tokens from replay_sources, or from the mixture components after the first (special tokens
+    included)."""
     replay_fraction: float = 0.0
     """replay_tokens / train_tokens, as achieved."""
+    mixture: list[ComponentStats] = field(default_factory=list)
+    """Tokens per component of the training mix, planned and achieved (empty without replay or mixture)."""
     seq_len: int = 0
     add_bos: bool = False
     add_eos: bool = True
@@ -99,7 +131,9 @@ class CorpusStats:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CorpusStats:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        out = cls(**{k: v for k, v in data.items() if k in names})
+        out.mixture = [ComponentStats(**c) if isinstance(c, dict) else c for c in out.mixture]
+        return out
 
     @property
     def tokens(self) -> int:
@@ -161,6 +195,12 @@ class CorpusStats:
             f"special tokens:    BOS {'on' if self.add_bos else 'off'}, EOS {'on' if self.add_eos else 'off'}",
             f"time:              {self.seconds:.1f} s" + (" (loaded from cache)" if self.cached else ""),
         ]
+        for c in self.mixture:
+            unused = f"; {c.unused_tokens:,} left out to keep the fractions" if c.unused_tokens else ""
+            lines.append(
+                f"  mix {c.name}: {c.tokens:,} tokens from {c.documents} documents, {c.fraction:.1%} "
+                f"(planned {c.weight:.1%}){' [limiting]' if c.limiting else ''}{unused}"
+            )
         if self.cache_path:
             lines.append(f"cache:             {self.cache_path}")
         return "\n".join(lines)

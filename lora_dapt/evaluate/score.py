@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -130,12 +129,10 @@ def _scoring(model: Any) -> Iterator[None]:
 
 
 def _progress(total: int, desc: str, unit: str = "tok") -> Any:
-    from tqdm.auto import tqdm
+    from ..progress import progress
 
-    # disable=None: a bar on a terminal, nothing in log files (the log line below says what runs).
-    return tqdm(
-        total=total, desc=desc, unit=unit, unit_scale=True, disable=None, leave=False, file=sys.stderr
-    )
+    # A bar on a terminal; elsewhere a line only every 30 s (the log lines around the loop say what runs).
+    return progress(total, desc, unit=unit, unit_scale=True, leave=False, every_fraction=None, every_s=30.0)
 
 
 def _summed_nll(

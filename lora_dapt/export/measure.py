@@ -106,7 +106,8 @@ FP16_MAX = 65504.0
 def model_dtype(config: Any) -> str:
     """The dtype a checkpoint's config says its weights are stored in ('bfloat16', 'float16', 'float32');
     'float32' when it says nothing (or names another dtype)."""
-    value = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    # dtype first: reading torch_dtype of a transformers 5 config logs a deprecation warning
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     name = str(value).removeprefix("torch.") if value is not None else ""
     return name if name in WIDER else "float32"
 

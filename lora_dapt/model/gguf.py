@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..progress import foreign_bars_hidden
+from .aliases import bundled_gguf
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("lora_dapt")
@@ -36,9 +38,13 @@ def find_gguf(name_or_path: str | Path, gguf_file: str | None = None) -> tuple[P
     """(directory, file name) of the GGUF checkpoint that ``name_or_path`` and ``gguf_file`` name, or None.
 
     A path to a ``.gguf`` file, or a directory without config.json that holds exactly one, needs no
-    ``gguf_file``; a directory holding several is an error that lists them. Example:
+    ``gguf_file``; a directory holding several is an error that lists them. An alias of a bundled model
+    (``smollm2-135m``, :mod:`lora_dapt.model.aliases`) is its package's file. Example:
     ``find_gguf("models/q4.gguf") == (Path("models"), "q4.gguf")``.
     """
+    bundled = bundled_gguf(name_or_path, gguf_file)
+    if bundled is not None:
+        return bundled
     p = Path(name_or_path)
     if p.is_file() and p.suffix == ".gguf":
         return p.parent, p.name
@@ -75,7 +81,11 @@ def gguf_to_checkpoint(directory: str | Path, gguf_file: str, *, cache_dir: str 
         return out
     log.info("dequantizing GGUF %s into %s (once; cached)", src, out)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
+        # transformers' dequantization bar has no switch: off a terminal its redraws are dropped
+        with foreign_bars_hidden():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(directory), gguf_file=gguf_file, dtype=torch.float32
+            )
     except (OSError, ValueError, ImportError, struct.error, EOFError, KeyError, IndexError) as e:
         # a truncated or garbled file fails inside the gguf reader (struct.error, IndexError, KeyError)
         raise ModelLoadError(
