@@ -161,7 +161,7 @@ def test_gap_filling_removes_padding_of_long_document_tails():
     total = sum(lengths)
     assert len(plain) == 20  # 10 full + 10 tails alone
     assert len(filled) == -(-total // seq_len) == 17  # the fewest blocks these tokens can take
-    ids, pos, lab, n_pad, cuts = packing._pack_arrays(
+    ids, pos, lab, n_pad, cuts, _ = packing._pack_arrays(
         [list(range(1, n + 1)) for n in lengths], seq_len, 0, splittable=flags
     )
     assert ids.shape == (17, seq_len) and int(n_pad.sum()) == 17 * seq_len - total
@@ -174,3 +174,28 @@ def test_gap_filling_removes_padding_of_long_document_tails():
 def test_splittable_flags_must_match_the_documents():
     with pytest.raises(ValueError, match="got 1 splittable flags for 2 documents"):
         plan_blocks([5, 9], 4, splittable=[True])
+
+
+def test_block_bytes_add_up_to_the_documents_bytes_when_gap_filling_cuts_them():
+    seq_len = 100
+    lengths, flags = [], []
+    for k in range(10):
+        lengths += [100, 60 + k]
+        flags += [True, True]
+    n_bytes = [3 * n + k for k, n in enumerate(lengths)]  # any byte counts
+    packed = packing._pack_arrays(
+        [list(range(1, n + 1)) for n in lengths], seq_len, 0, splittable=flags, byte_counts=n_bytes
+    )
+    assert packed.n_cuts > 0 and packed.n_bytes.shape == (17,)
+    assert int(packed.n_bytes.sum()) == sum(n_bytes)
+    # a piece cut in two shares its bytes by tokens, rounded at the cut: 10 bytes over 3 tokens -> 3 + 7
+    assert packing.share_bytes([10, 10], [3, 3], [0, 1], [1, 3]).tolist() == [3, 7]
+
+
+def test_pieces_of_a_long_document_share_its_bytes():
+    from lora_dapt.data.pieces import _pieces_table
+
+    table = _pieces_table([list(range(25)), [7, 8]], [0, 0], [True, True], [0, 1], 10, 0, 1, [1000, 9])
+    assert table.column("length").to_pylist() == [10, 10, 7, 4]  # 25 tokens + BOS + EOS = 27
+    got = table.column("bytes").to_pylist()
+    assert got == [370, 371, 259, 9] and sum(got[:3]) == 1000

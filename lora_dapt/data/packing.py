@@ -16,6 +16,12 @@ How a block is laid out (``seq_len`` tokens, three int lists of that length):
   splits each row at the same boundaries (cache or not) and attends one document at a time with the
   unmasked causal kernel, so isolation costs nothing and the attention work is the sum of the squared
   document lengths rather than the squared block length.
+* ``bytes`` (blocks of :func:`prepare_corpus <lora_dapt.data.corpus.prepare_corpus>`): the UTF-8 bytes of
+  text the block's pieces cover, so that packed evaluation reports bits per byte. A document cut into pieces
+  gives each piece its share of the document's bytes in proportion to its tokens (:func:`share_bytes`);
+  the shares add up to the document's bytes exactly, so a split's total is exact and a block's is an
+  estimate. The bytes of a piece's first token count although it is not a target (as in ``evaluate_texts``,
+  where a text's first token is not scored either).
 * ``labels``: the token ids (or the caller's labels), with -100 at padding and at the FIRST token of every
   piece. The model shifts labels internally (logits[t] predicts labels[t+1]), so -100 at a piece start means
   a document's first token is never trained to follow the previous document. Masking is by position, never
@@ -47,6 +53,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -173,16 +180,57 @@ def _place(
     return moves
 
 
+def share_bytes(n_bytes: np.ndarray, n_tokens: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """UTF-8 bytes of tokens ``start:end`` of a text of ``n_tokens`` tokens and ``n_bytes`` bytes, shared out
+    in proportion to tokens (elementwise, int64; rounded at the cut points, so the shares of consecutive
+    ranges add up to ``n_bytes`` exactly).
+
+    A piece's own share is an estimate (its tokens may cover more or fewer bytes than the average); summed
+    over the pieces of a document, or over every block, it is the exact byte count, which is what bits per
+    byte over a whole split needs.
+
+    >>> share_bytes(np.array([10, 10]), np.array([3, 3]), np.array([0, 1]), np.array([1, 3])).tolist()
+    [3, 7]
+    """
+    b, n = np.asarray(n_bytes, dtype=np.int64), np.maximum(np.asarray(n_tokens, dtype=np.int64), 1)
+
+    def cut(t: np.ndarray) -> np.ndarray:  # bytes before token t, rounded half up
+        return (2 * b * np.asarray(t, dtype=np.int64) + n) // (2 * n)
+
+    return cut(end) - cut(start)
+
+
+class PackedArrays(NamedTuple):
+    """What :func:`_pack_arrays` returns."""
+
+    ids: np.ndarray
+    """[n_blocks, seq_len] int64 token ids."""
+    positions: np.ndarray
+    """[n_blocks, seq_len] int64 position ids (restarting at every piece and in the padding)."""
+    labels: np.ndarray
+    """[n_blocks, seq_len] int64 labels (-100 at piece starts and padding)."""
+    n_pad: np.ndarray
+    """[n_blocks] padding tokens of each block."""
+    n_cuts: int
+    """Cuts :func:`plan_blocks` made to fill gaps (``splittable``)."""
+    n_bytes: np.ndarray | None
+    """[n_blocks] UTF-8 bytes each block covers (:func:`share_bytes` of its pieces), when byte counts were
+    given; else None."""
+
+
 def _pack_arrays(
     token_lists: Sequence[Sequence[int]],
     seq_len: int,
     pad_id: int,
     label_lists: Sequence[Sequence[int]] | None = None,
     splittable: Sequence[bool] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Like :func:`pack_documents` but returns arrays: ids, positions, labels (each [n_blocks, seq_len],
-    int64), the padding count of each block ([n_blocks]) and the number of cuts :func:`plan_blocks` made
-    to fill gaps (``splittable``)."""
+    byte_counts: Sequence[int] | None = None,
+) -> PackedArrays:
+    """Like :func:`pack_documents` but returns arrays (see :class:`PackedArrays`). ``byte_counts`` (one per
+    input: the UTF-8 bytes it covers) gives each block the bytes of its pieces, shared out by tokens when gap
+    filling cuts an input (:func:`share_bytes`)."""
+    if byte_counts is not None and len(byte_counts) != len(token_lists):
+        raise ValueError(f"got {len(byte_counts)} byte counts for {len(token_lists)} documents")
     docs = [np.asarray(t, dtype=np.int64) for t in token_lists]
     if label_lists is not None:
         if len(label_lists) != len(docs):
@@ -211,7 +259,22 @@ def _pack_arrays(
             t += m
         pos[b, t:] = ar[: seq_len - t]  # padding: its own segment, restarting at 0
         n_pad[b] = seq_len - t
-    return ids, pos, lab, n_pad, n_cuts
+    n_bytes = None
+    if byte_counts is not None:
+        frag = np.asarray(
+            [(b, d, s, e) for b, pieces in enumerate(plan) for d, s, e in pieces], dtype=np.int64
+        )
+        frag = frag.reshape(-1, 4)
+        d = frag[:, 1]
+        shares = share_bytes(
+            np.asarray(byte_counts, dtype=np.int64)[d],
+            np.asarray([len(x) for x in docs], dtype=np.int64)[d],
+            frag[:, 2],
+            frag[:, 3],
+        )
+        n_bytes = np.zeros(n, dtype=np.int64)
+        np.add.at(n_bytes, frag[:, 0], shares)
+    return PackedArrays(ids, pos, lab, n_pad, n_cuts, n_bytes)
 
 
 def pack_documents(
@@ -239,7 +302,7 @@ def pack_documents(
     Block 1 holds two segments ([5, 6, 7] and the tail ``5`` of document 1); block 2 holds ``8`` and three
     pads, whose positions restart so they form a segment of their own.
     """
-    ids, pos, lab, _, _ = _pack_arrays(token_lists, seq_len, pad_id, label_lists)
+    ids, pos, lab, *_ = _pack_arrays(token_lists, seq_len, pad_id, label_lists)
     return [
         {"input_ids": i.tolist(), "position_ids": p.tolist(), "labels": la.tolist()}
         for i, p, la in zip(ids, pos, lab, strict=True)

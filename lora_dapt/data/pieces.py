@@ -9,6 +9,8 @@
   gap filling for long documents) in this process; the number of gap-filling cuts is summed here and
   returned, so padding is only the slack of each batch's last blocks.
 * Replay: :func:`select_replay` takes the first pieces of a seeded order up to a token budget.
+* Bytes: every piece and block carries the UTF-8 bytes of text it covers (a document's bytes shared out over
+  its pieces by tokens; exact in total), so packed evaluation reports bits per byte.
 """
 
 from __future__ import annotations
@@ -38,14 +40,24 @@ PIECE_FEATURES = datasets.Features(
         "length": datasets.Value("int32"),
         "doc": datasets.Value("int64"),
         "cut": datasets.Value("bool"),  # the document was cut into several pieces (gap filling may cut more)
+        "bytes": datasets.Value("int64"),  # UTF-8 bytes of text the piece covers (packing.share_bytes)
     }
 )
 
 
 BLOCK_FEATURES = datasets.Features(
-    {c: datasets.Sequence(datasets.Value("int32")) for c in ("input_ids", "position_ids", "labels")}
+    {
+        **{c: datasets.Sequence(datasets.Value("int32")) for c in ("input_ids", "position_ids", "labels")},
+        "bytes": datasets.Value("int64"),
+    }
 )
-"""Columns of a packed block: int lists of exactly ``seq_len``."""
+"""Columns of a packed block: int lists of exactly ``seq_len``, and the UTF-8 bytes of text the block covers
+(what ``evaluate_blocks`` divides by for bits per byte)."""
+
+
+def utf8_bytes(texts: Sequence[str]) -> list[int]:
+    """UTF-8 bytes of each text, as the scorer counts them (lone surrogates count as 3 bytes, not an error)."""
+    return [len(t.encode("utf-8", "surrogatepass")) for t in texts]
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -63,9 +75,11 @@ def _pieces_table(
     seq_len: int,
     bos: int | None,
     eos: int | None,
+    text_bytes: Sequence[int],
 ) -> pa.Table:
     """Documents' token ids -> pieces of at most seq_len tokens, special tokens added by hand so counts are
-    exact (BOS on a document's first part, EOS on its last)."""
+    exact (BOS on a document's first part, EOS on its last). ``text_bytes``: each document part's UTF-8
+    bytes, shared out over its pieces by tokens (:func:`~lora_dapt.data.packing.share_bytes`)."""
     # Build the Arrow columns from one flat numpy buffer: converting millions of Python ints list by list
     # into Arrow was ~10% of prepare_corpus.
     lengths = [len(ids) for ids in ids_list]
@@ -88,12 +102,18 @@ def _pieces_table(
         if final[k]:
             out[o + n] = eos
     # cut every document into pieces of at most seq_len tokens
-    piece_lens, piece_docs, piece_cut = [], [], []
+    piece_lens, piece_docs, piece_cut, piece_of, piece_start = [], [], [], [], []
     for k, n in enumerate(doc_lens.tolist()):
         for s in range(0, n, seq_len):
             piece_lens.append(min(seq_len, n - s))
             piece_docs.append(idx[k])
             piece_cut.append(n > seq_len)
+            piece_of.append(k)
+            piece_start.append(s)
+    of, start = np.asarray(piece_of, dtype=np.int64), np.asarray(piece_start, dtype=np.int64)
+    piece_bytes = packing.share_bytes(
+        np.asarray(text_bytes, dtype=np.int64)[of], doc_lens[of], start, start + np.asarray(piece_lens)
+    )
     # documents lie in order in `out`, so consecutive pieces tile it and their lengths give the offsets
     plen = np.asarray(piece_lens, dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(plen)]).astype(np.int32)
@@ -104,6 +124,7 @@ def _pieces_table(
             "length": pa.array(plen, type=pa.int32()),
             "doc": pa.array(np.asarray(piece_docs, dtype=np.int64)),
             "cut": pa.array(piece_cut, type=pa.bool_()),
+            "bytes": pa.array(piece_bytes.astype(np.int64)),
         }
     )
 
@@ -118,7 +139,8 @@ def _tokenize_batch(
 ) -> pa.Table:
     """``datasets.map`` function (slow tokenizers): documents -> pieces."""
     ids_list = _encode(tokenizer, batch["text"])
-    return _pieces_table(ids_list, batch["part"], batch["last"], idx, seq_len, bos, eos)
+    n_bytes = utf8_bytes(batch["text"])
+    return _pieces_table(ids_list, batch["part"], batch["last"], idx, seq_len, bos, eos, n_bytes)
 
 
 def tokenize_documents(
@@ -164,13 +186,14 @@ def _tokenize_fast(
     from concurrent.futures import ThreadPoolExecutor
 
     from datasets.arrow_writer import ArrowWriter
-    from tqdm.auto import tqdm
+
+    from ..progress import progress
 
     cols = docs.select_columns(["text", "part", "last"])
     with (
         ThreadPoolExecutor(1, thread_name_prefix="lora_dapt-tokenize") as pool,
         ArrowWriter(features=PIECE_FEATURES, path=str(path)) as writer,
-        tqdm(total=len(cols), desc=desc, unit="doc", disable=len(cols) < 1000) as bar,
+        progress(len(cols), desc, unit="doc", disable=len(cols) < 1000) as bar,
     ):
         pending = None
         start = 0
@@ -178,14 +201,17 @@ def _tokenize_fast(
         def flush(job: tuple[Any, dict[str, list[Any]], int]) -> None:
             future, batch, first = job
             n = len(batch["part"])
+            parts, lasts, n_bytes = batch["part"], batch["last"], batch["bytes"]
             table = _pieces_table(
-                future.result(), batch["part"], batch["last"], range(first, first + n), seq_len, bos, eos
+                future.result(), parts, lasts, range(first, first + n), seq_len, bos, eos, n_bytes
             )
             writer.write_table(table)  # ArrowWriter casts to PIECE_FEATURES itself
             bar.update(n)
 
         for batch in cols.iter(batch_size=_TOKENIZE_BATCH):
-            future = pool.submit(_encode, tokenizer, batch.pop("text"))
+            texts = batch.pop("text")
+            future = pool.submit(_encode, tokenizer, texts)
+            batch["bytes"] = utf8_bytes(texts)
             if pending is not None:
                 flush(pending)
             pending = (future, batch, start)
@@ -207,12 +233,18 @@ def _pack_batch(batch: pa.Table, seq_len: int, pad_id: int) -> tuple[pa.Table, i
     offsets = col.offsets.to_numpy()
     pieces = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
     splittable = batch.column("cut").to_pylist()
-    ids, pos, lab, _, cuts = packing._pack_arrays(pieces, seq_len, pad_id, splittable=splittable)
+    n_bytes = batch.column("bytes").to_numpy()
+    ids, pos, lab, _, cuts, block_bytes = packing._pack_arrays(
+        pieces, seq_len, pad_id, splittable=splittable, byte_counts=n_bytes
+    )
     rows = pa.array(np.arange(0, ids.size + 1, seq_len, dtype=np.int32))
     table = pa.table(
         {
-            name: pa.ListArray.from_arrays(rows, pa.array(arr.astype(np.int32).ravel()))
-            for name, arr in (("input_ids", ids), ("position_ids", pos), ("labels", lab))
+            **{
+                name: pa.ListArray.from_arrays(rows, pa.array(arr.astype(np.int32).ravel()))
+                for name, arr in (("input_ids", ids), ("position_ids", pos), ("labels", lab))
+            },
+            "bytes": pa.array(block_bytes),
         }
     )
     return table, cuts
@@ -224,12 +256,13 @@ def pack_pieces(
     """Pieces -> blocks in the Arrow file ``path``; also returns the cuts made to fill gaps. One process:
     packing is numpy work on small batches, and one output file keeps the cache simple."""
     from datasets.arrow_writer import ArrowWriter
-    from tqdm.auto import tqdm
+
+    from ..progress import progress
 
     cuts = 0
     with (
         ArrowWriter(features=BLOCK_FEATURES, path=str(path)) as writer,
-        tqdm(total=len(pieces), desc=desc, unit="piece", disable=len(pieces) < 10_000) as bar,
+        progress(len(pieces), desc, unit="piece", disable=len(pieces) < 10_000) as bar,
     ):
         for batch in pieces.with_format("arrow").iter(batch_size=_PACK_BATCH):
             table, n = _pack_batch(batch, seq_len, pad_id)
@@ -261,8 +294,15 @@ def select_replay(pieces: datasets.Dataset, target: int) -> tuple[datasets.Datas
     if over:
         row = chosen[k]
         last = row["input_ids"][: int(lengths[k]) - over]
+        kept = packing.share_bytes(np.asarray([row["bytes"]]), lengths[k : k + 1], np.zeros(1), [len(last)])
         tail = datasets.Dataset.from_dict(
-            {"input_ids": [last], "length": [len(last)], "doc": [row["doc"]], "cut": [row["cut"]]},
+            {
+                "input_ids": [last],
+                "length": [len(last)],
+                "doc": [row["doc"]],
+                "cut": [row["cut"]],
+                "bytes": [int(kept[0])],
+            },
             features=PIECE_FEATURES,
         )
         chosen = datasets.concatenate_datasets([chosen.select(range(k)), tail]) if k else tail

@@ -207,6 +207,15 @@ def check_shapes(adapter: AdapterFiles, adapter_dir: Path, base: str, meta: Any)
             continue
         if "lora_magnitude" in name:
             continue
+        if ".token_adapter.trainable_tokens_delta" in name:  # trained token rows (adapter.new_tokens)
+            mod_name = name.partition(".token_adapter.")[0]
+            module = modules.get(mod_name)
+            width = getattr(module, "embedding_dim", getattr(module, "in_features", None))
+            if module is None or len(shape) != 2 or shape[1] != width:
+                problems.append(
+                    f"{name}: token rows of shape {list(shape)}, the base's {mod_name} is {module}"
+                )
+            continue
         # peft saves resized embedding layers whole (save_embedding_layers), wrapper keys included.
         name = name.replace(".modules_to_save.", ".").replace(".original_module.", ".")
         param = params.get(name)
@@ -270,7 +279,7 @@ def check_disk_space(out: Path, need: int, dtype: str) -> None:
 
 def check_tokenizer(tokenizer: Any, new_vocab: int | None, base: str, base_vocab: int) -> None:
     """An adapter with grown embeddings needs the tokenizer it was trained with (saved beside it)."""
-    if new_vocab and len(tokenizer) != new_vocab:
+    if new_vocab and len(tokenizer) > new_vocab:
         raise MergeError(
             f"the adapter's embeddings have {new_vocab} rows but its tokenizer has {len(tokenizer)} tokens; "
             f"the base {base} has {base_vocab}. Save the tokenizer used in training with the adapter."

@@ -153,6 +153,11 @@ def prepare_job(
     del meta
     check_disk_space(out, count * DTYPE_BYTES[first], first)
     tokenizer = tokenizer_for(adapter_dir, source, trained.trust_remote_code)
+    if new_vocab is None and adapter.config.get("trainable_token_indices"):  # rows grown for new tokens
+        from ..model.vocab import padded_rows
+
+        grown = padded_rows(len(tokenizer), base_config.vocab_size)
+        new_vocab = grown if grown > base_config.vocab_size else None
     check_tokenizer(tokenizer, new_vocab, str(base), base_config.vocab_size)
     return MergeJob(
         base=str(base),

@@ -220,8 +220,10 @@ def _attach(model: Any, job: MergeJob) -> Any:
     """The adapter on ``model`` (embeddings grown first when the adapter added tokens), for inference."""
     from peft import PeftModel
 
-    if job.new_vocab:
-        model.resize_token_embeddings(job.new_vocab)
+    if job.new_vocab:  # the rows training grew: the mean of the old ones (trained rows: in the adapter)
+        from ..model.vocab import grow_embeddings
+
+        grow_embeddings(model, job.new_vocab)
     try:
         return PeftModel.from_pretrained(model, str(job.adapter.load_dir), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
