@@ -30,8 +30,9 @@ def is_4bit_param(param: Any) -> bool:
 
 
 def logical_numel(param: Any) -> int:
-    """Parameters a tensor stands for: a packed 4-bit weight holds two per stored element."""
-    return param.numel() * (2 if is_4bit_param(param) else 1)
+    """Parameters a tensor stands for: a packed 4-bit weight holds two per stored byte (two per uint8
+    element, four per bfloat16 element with ``model.quant_storage='bfloat16'``)."""
+    return param.numel() * (2 * param.element_size() if is_4bit_param(param) else 1)
 
 
 def stored_bytes(param: Any) -> int:
@@ -50,12 +51,18 @@ def stored_bytes(param: Any) -> int:
 
 
 def quantization_config(
-    quantization: str | None, compute_dtype: torch.dtype, *, double_quant: bool = True
+    quantization: str | None,
+    compute_dtype: torch.dtype,
+    *,
+    double_quant: bool = True,
+    quant_storage: str = "uint8",
 ) -> Any | None:
     """A transformers ``BitsAndBytesConfig`` for 'nf4' | 'fp4' | 'int8', or None for 16-bit.
 
-    4-bit weights are stored as uint8 (two values a byte): the storage type that peft's dequantization and
-    :func:`logical_numel` expect. A missing bitsandbytes is a :class:`ModelLoadError` that names the fix.
+    4-bit weights are packed into ``quant_storage`` elements (uint8: two values a byte; bfloat16: four values
+    an element), ``bnb_4bit_quant_storage``: uint8 by default, the compute dtype for FSDP, which shards one
+    dtype per flat parameter (``model.quant_storage``). A missing bitsandbytes is a :class:`ModelLoadError`
+    that names the fix.
     """
     if quantization in (None, "none"):
         return None
@@ -76,7 +83,7 @@ def quantization_config(
         bnb_4bit_quant_type=quantization,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=getattr(torch, quant_storage),
     )
 
 

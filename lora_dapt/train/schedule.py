@@ -45,9 +45,10 @@ def lr_factor(
     raise ValueError(f"unknown scheduler {scheduler!r}")
 
 
-def total_optimizer_steps(num_blocks: int, cfg: TrainConfig, seq_len: int) -> int:
-    """Optimizer steps from max_steps, else epochs, else max_tokens, else one epoch."""
-    per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+def total_optimizer_steps(num_blocks: int, cfg: TrainConfig, seq_len: int, world_size: int = 1) -> int:
+    """Optimizer steps from max_steps, else epochs, else max_tokens, else one epoch; one step takes the
+    global batch, batch_size x gradient_accumulation_steps x ``world_size`` (the processes) blocks."""
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     if cfg.max_steps is not None:
         return cfg.max_steps
     if cfg.epochs is not None:

@@ -1,0 +1,195 @@
+"""Multi-process training on the CPU (gloo, 2 processes, the tiny model): DDP through torchrun, accelerate
+launch and ``lora-dapt train --nproc``, against one process with twice the gradient accumulation.
+
+Two ranks with accumulation A see, per optimizer step, the same blocks as one process with accumulation
+2A (accelerate deals batch i of the shared seeded order to rank i % 2), and the loss is normalised by all
+ranks' tokens: the adapters must agree to float rounding, and so must every logged loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lora_dapt import EvalConfig
+from lora_dapt.cli.main import main
+from lora_dapt.rundir import RunDir
+from lora_dapt.train.distributed import launch_command, shard_stats
+
+from .conftest import make_text
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 240
+BATCH, STEPS, BLOCKS = 2, 13, 52
+"""13 steps of 2 blocks x 2 ranks (or x accumulation 2) are one epoch of the 52 training blocks."""
+
+
+def _config(tmp: Path, model_dir: Path, name: str, *, accumulation: int, **train) -> Path:
+    docs = tmp / "docs"
+    if not docs.is_dir():
+        docs.mkdir()
+        for i in range(8):
+            (docs / f"d{i}.txt").write_text(make_text(70 + 5 * i, seed=500 + i), encoding="utf-8")
+    cfg = {
+        "model": {"name_or_path": str(model_dir), "quantization": "nf4", "compute_dtype": "float32"},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "gradient_checkpointing": False},
+        "data": {
+            "sources": [str(docs)],
+            "seq_len": 32,
+            "eval_fraction": 0.2,
+            "cache_dir": str(tmp / "cache"),
+        },
+        "train": {
+            "output_dir": str(tmp / name),
+            "max_steps": STEPS,
+            "learning_rate": 5e-3,
+            "warmup_steps": 1,
+            "scheduler": "cosine",
+            "batch_size": BATCH,
+            "gradient_accumulation_steps": accumulation,
+            "logging_every": 1,
+            "save_every": 0,
+            "seed": 7,
+            **train,
+        },
+        "eval": {"general": False, "prompts": []},
+    }
+    if "original_base" in EvalConfig.__dataclass_fields__:
+        cfg["eval"]["original_base"] = False
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _launch(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _torchrun(record: Path, kill_at: int, *argv: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "tests.distributed_worker", str(record), str(kill_at), *argv,
+    ]  # fmt: skip
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in RunDir(run_dir).read_metrics() if r["type"] == "train"]
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    got, want = _losses(run), _losses(reference)
+    assert [s for s, _ in got] == list(range(1, STEPS + 1))  # every step logged exactly once
+    assert [s for s, _ in want] == list(range(1, STEPS + 1))
+    torch.testing.assert_close([x for _, x in got], [x for _, x in want], rtol=1e-4, atol=1e-5)
+    a, b = _adapter(run), _adapter(reference)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # it did train
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory) -> Path:
+    """One process, accumulation 2: what every 2-process run below must reproduce."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    assert main(["train", str(_config(tmp, tiny_model_dir, "one", accumulation=2))]) == 0
+    return tmp / "one"
+
+
+def test_torchrun_matches_one_process(reference, tiny_model_dir):
+    tmp = reference.parent
+    cfg = _config(tmp, tiny_model_dir, "two", accumulation=1)
+    _launch(_torchrun(tmp / "blocks", 0, "train", str(cfg)))
+    run = tmp / "two"
+    _assert_same_run(run, reference)
+    summary = RunDir(run).read_summary()
+    one = RunDir(reference).read_summary()
+    assert summary["steps"] == STEPS and summary["tokens_trained"] == one["tokens_trained"]
+    for phase in ("before", "after"):  # the evaluations give one process's numbers
+        assert summary[phase]["domain"]["loss"] == pytest.approx(one[phase]["domain"]["loss"], rel=1e-5)
+        assert summary[phase]["domain"]["tokens"] == one[phase]["domain"]["tokens"]
+    # one epoch: every block trained exactly once across the ranks, each rank on its own half
+    assert summary["data_stats"]["train_blocks"] == BLOCKS, "the test data must pack to 52 training blocks"
+    assert summary["shards"] == {
+        "blocks": BLOCKS, "world_size": 2, "batch_size": BATCH, "blocks_per_rank": BLOCKS // 2, "repeated": 0
+    }  # fmt: skip
+    ranks = [
+        [tuple(json.loads(line)) for line in (tmp / "blocks" / f"rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == BLOCKS // 2
+    assert not set(ranks[0]) & set(ranks[1])
+    seen = Counter(ranks[0] + ranks[1])
+    assert len(seen) == BLOCKS and set(seen.values()) == {1}
+
+
+@pytest.mark.slow  # two more 2-process launches: ~70 s on 2 shared cores
+def test_sigkill_both_ranks_then_resume_with_nproc(reference, tiny_model_dir):
+    """Both ranks SIGKILLed after checkpoint 6; `lora-dapt train --nproc 2` resumes."""
+    tmp = reference.parent
+    cfg = _config(tmp, tiny_model_dir, "killed", accumulation=1, save_every=3, save_total_limit=10)
+    proc = subprocess.run(
+        _torchrun(tmp / "killed-blocks", 6, "train", str(cfg)),
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True,
+    )  # fmt: skip
+    # torchrun runs the ranks in their own process group: both died of the SIGKILL, torchrun reports it
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("exitcode  : -9") == 2, proc.stderr[-3000:]
+    run = RunDir(tmp / "killed")
+    assert [p.name for p in run.checkpoints()][0] in ("checkpoint-6", "checkpoint-9")
+    assert not run.has_adapter() and run.read_summary() is None
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TQDM_DISABLE")}
+    os.environ.update({"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    try:
+        status = main(["train", str(cfg), "--nproc", "2", "--set", "train.resume_from=latest"])
+    finally:
+        for k, v in env.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert status == 0
+    _assert_same_run(run.path, reference)
+    assert run.read_summary()["steps"] == STEPS
+
+
+def test_shard_stats_match_accelerate():
+    """What the log and the summary say about the epoch's deal is what accelerate does."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    for blocks, batch, world in [(12, 2, 2), (10, 2, 2), (7, 3, 2), (9, 2, 4)]:
+        dealt = [
+            i
+            for r in range(world)
+            for b in BatchSamplerShard(BatchSampler(range(blocks), batch, False), world, r, even_batches=True)
+            for i in b
+        ]
+        s = shard_stats(blocks, batch, world)
+        assert len(dealt) == s.blocks_per_rank * world
+        assert set(dealt) == set(range(blocks))
+        assert len(dealt) - blocks == s.repeated, (blocks, batch, world)
+    assert shard_stats(12, 2, 2).repeated == 0 and shard_stats(10, 2, 2).repeated == 2
+
+
+def test_launch_command():
+    cmd = launch_command(["train", "c.yaml", "--set", "train.max_steps=3"], 4)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "4"
+    assert cmd[-6:] == ["-m", "lora_dapt.cli", "train", "c.yaml", "--set", "train.max_steps=3"]
