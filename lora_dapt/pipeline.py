@@ -34,25 +34,56 @@ def run(config: RunConfig) -> TrainResult:
     from .model.load import load_base_model_from, tokenizer_before_load
     from .model.lora import apply_lora
     from .train.pretrain import continued_pretrain
+    from .train.trackers import check_trackers
 
     config.check()
     m = config.model
     # every input fails here, before the slow model load (or a GGUF's dequantization): the tokenizer,
-    # data.seq_len against the model's context (its config), every source list
+    # data.seq_len against the model's context (its config), every source list, the trackers' packages
+    check_trackers(config.train.report_to)
     tokenizer = tokenizer_before_load(m, config.data.seq_len)
+    adapter = config.adapter
+    if adapter.new_tokens:  # domain tokens first: the corpus is tokenized with them
+        from .data.vocab import extend_vocabulary
+
+        vocab = extend_vocabulary(
+            tokenizer,
+            config.data.sources,
+            adapter.new_tokens,
+            adapter.new_tokens_min_frequency,
+            config=config.data,
+        )
+        log.info("%s", vocab.summary())
+        tokenizer = vocab.tokenizer
     ev = config.eval
+    if adapter.new_tokens and ev.original_base is not False:
+        log.warning(
+            "eval.original_base: the original 16-bit model has no rows for the new tokens: not scored"
+        )
+        ev = ev.replace(original_base=False)
     general = general_texts(ev.general_sources) if ev.enabled and ev.general and ev.general_sources else None
     corpus = prepare_corpus(config.data.sources, tokenizer, config.data)
     log.info("corpus ready:\n%s", _summary(corpus))
     loaded = load_base_model_from(m)
     set_seed(config.train.seed)  # the LoRA init draws from the global generators
-    model = apply_lora(loaded.model, config.adapter)
+    new_ids = None
+    if adapter.new_tokens:  # grow embeddings and head (rows: the mean of their old sub-tokens)
+        from .model.vocab import add_token_rows
+
+        new_ids = add_token_rows(loaded.model, loaded.tokenizer, tokenizer).token_ids
+    model = apply_lora(
+        loaded.model,
+        config.adapter,
+        seq_len=config.data.seq_len,
+        batch_size=config.train.batch_size,
+        trainable_tokens=new_ids,
+    )
     result = continued_pretrain(
         model,
-        loaded.tokenizer,
+        tokenizer if new_ids is not None else loaded.tokenizer,  # saved with the adapter
         corpus,
         config.train,
-        eval_config=config.eval,
+        eval_config=ev,
         run_config=config,
         general_texts=general,
         model_source=loaded.source,

@@ -17,11 +17,16 @@ from-disk entry points (``merge_run``, ``sft`` on a run directory, ``lora-dapt r
       adapter/                the final adapter and its tokenizer
       report.md, plots/       the report (evaluate.report)
       merged/                 the merged 16-bit model (export.merge)
+      tune/                   `lora-dapt tune`'s trials and choice (train.tune_dir.TuneDir owns it)
 
 Writes of JSON files go to a temporary file first and are renamed over the old one, so a crash leaves the
 old or the new file, never half of one. The metrics log is appended line by line; a line cut short by a
 crash is skipped (with a warning) when it is read back. One run at a time: :meth:`RunDir.start` takes the
 directory's lock and :meth:`RunDir.close` (or leaving ``with RunDir(...) as run:``) releases it.
+
+Several processes (torchrun / accelerate launch): rank 0 alone writes. On the other ranks every write
+method here does nothing, and :meth:`RunDir.start` runs on rank 0 (the lock, the checkpoint choice) while
+they wait, then hands them its result (:func:`~lora_dapt.train.distributed.run_on_main`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from .checkpoints import (
     write_marker,
 )
 from .errors import RunDirError, TrainingError
+from .train.distributed import is_main, run_on_main
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -282,6 +288,17 @@ class RunDir:
     def plots_dir(self) -> Path:
         return self.path / "plots"
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        """TensorBoard event files (train.report_to: tensorboard): the Trainer's and lora_dapt's rows."""
+        return self.path / "tensorboard"
+
+    @property
+    def tune_dir(self) -> Path:
+        """Where ``lora-dapt tune`` writes by default (:class:`~lora_dapt.train.tune_dir.TuneDir`); not part
+        of a run (``train.overwrite`` leaves it)."""
+        return self.path / "tune"
+
     def read_merge_report(self) -> dict[str, Any] | None:
         """``merged/merge_report.json`` of this run; None when the run has not been merged."""
         data = _read_json(self.merged_dir / MERGE_REPORT)
@@ -311,6 +328,8 @@ class RunDir:
     # -- config --------------------------------------------------------------------------------------------
     def write_config(self, config: RunConfig | dict[str, Any]) -> None:
         """Save the resolved configuration as ``config.yaml``: a RunConfig, or a mapping of sections."""
+        if not is_main():
+            return
         import yaml
 
         if isinstance(config, dict):
@@ -349,6 +368,8 @@ class RunDir:
     # -- run info: where the base model came from ----------------------------------------------------------
     def write_run_info(self, source: ModelSource | None) -> None:
         """``run_info.json``: the base model the adapter is trained on (None: unknown) and our version."""
+        if not is_main():
+            return
         from . import __version__
 
         write_json_atomic(
@@ -373,6 +394,8 @@ class RunDir:
     # -- metrics log ---------------------------------------------------------------------------------------
     def append_metric(self, row: TrainRow | EvalRow | dict[str, Any]) -> None:
         """Append one row to ``metrics.jsonl`` (flushed, so a crash loses at most the row being written)."""
+        if not is_main():
+            return
         data = row if isinstance(row, dict) else row.to_dict()
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(data) + "\n")
@@ -431,6 +454,8 @@ class RunDir:
 
     # -- evaluations, held-out texts, summary --------------------------------------------------------------
     def write_eval_before(self, before: dict[str, Any]) -> None:
+        if not is_main():
+            return
         write_json_atomic(self.eval_before_path, before)
 
     def read_eval_before(self) -> dict[str, Any] | None:
@@ -439,6 +464,8 @@ class RunDir:
 
     def write_eval_texts(self, texts: list[str]) -> None:
         """Keep up to :data:`EVAL_TEXTS_KEPT` held-out documents for the merge check and ``lora-dapt eval``."""
+        if not is_main():
+            return
         write_json_atomic(self.eval_texts_path, list(texts)[:EVAL_TEXTS_KEPT])
 
     def read_eval_texts(self) -> list[str] | None:
@@ -451,6 +478,8 @@ class RunDir:
         return texts
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        if not is_main():
+            return
         write_json_atomic(self.summary_path, summary)
 
     def read_summary(self) -> dict[str, Any] | None:
@@ -473,7 +502,9 @@ class RunDir:
     def mark_complete(self, step: int, tokens: int) -> bool:
         """Write the completion marker into checkpoint ``step``, after all its files are saved: each file's
         size and sha256, every file fsynced first (:func:`~lora_dapt.checkpoints.write_marker`); False when
-        that checkpoint does not exist."""
+        that checkpoint does not exist (always False on ranks other than 0: rank 0 marks)."""
+        if not is_main():
+            return False
         ckpt = self.checkpoint_dir(step)
         if not ckpt.is_dir():
             return False
@@ -483,6 +514,8 @@ class RunDir:
     def rotate_checkpoints(self, newest: int, keep: int) -> list[Path]:
         """Once checkpoint ``newest`` is marked: delete all but the ``keep`` newest complete checkpoints (and
         never the one this session resumed from); returns the deleted directories."""
+        if not is_main():
+            return []
         deleted = rotate_checkpoints(self.path, newest, keep, protect=self._resumed_from)
         for ckpt in deleted:
             log.debug("rotated out %s", ckpt)
@@ -514,15 +547,22 @@ class RunDir:
 
         ``before_resume(resume)`` is called once the checkpoint is chosen, under the lock and before anything
         is changed: it may refuse the resume by raising (a changed config, say).
+
+        Under several processes all of this runs on rank 0 alone, which alone holds the lock; the other ranks
+        wait, then get the same Resume (or raise the same error).
         """
-        self.create()
-        if self._lock is None:
-            self._lock = RunLock.acquire(self.path)
-        try:
-            resume = start_run(self, resume_from, overwrite=overwrite, before_resume=before_resume)
-        except BaseException:
-            self.close()
-            raise
+
+        def start_here() -> Resume | None:
+            self.create()
+            if self._lock is None:
+                self._lock = RunLock.acquire(self.path)
+            try:
+                return start_run(self, resume_from, overwrite=overwrite, before_resume=before_resume)
+            except BaseException:
+                self.close()
+                raise
+
+        resume = run_on_main(start_here)
         self._resumed_from = resume.checkpoint if resume else None
         return resume
 
@@ -552,9 +592,12 @@ class RunDir:
 
     def clear_previous_run(self) -> int:
         """Delete an earlier run's checkpoints, metrics log, adapter, summary, evaluation before training and
-        report (a fresh start with ``train.overwrite``); returns the checkpoints removed."""
+        report (a fresh start with ``train.overwrite``); returns the checkpoints removed (0 on ranks other
+        than 0, which delete nothing)."""
+        if not is_main():
+            return 0
         old = self.checkpoints()
-        for path in [*old, self.adapter_dir, self.plots_dir]:
+        for path in [*old, self.adapter_dir, self.plots_dir, self.tensorboard_dir]:
             shutil.rmtree(path, ignore_errors=True)
         for path in (self.metrics_path, self.summary_path, self.eval_before_path, self.report_path):
             path.unlink(missing_ok=True)

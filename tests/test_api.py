@@ -18,6 +18,9 @@ PUBLIC = {
     "perplexity",
     "merge_adapter",
     "export_gguf",
+    "tune",
+    "TuneConfig",
+    "extend_vocabulary",
     "sft",
     "estimate_memory",
     "plan",
@@ -39,6 +42,7 @@ PUBLIC = {
     "TrainResult",
     "EvalResult",
     "GGUFExport",
+    "TuneResult",
     "RunDir",
     # errors
     "LoraDaptError",

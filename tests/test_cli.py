@@ -158,7 +158,12 @@ def test_forgetting_budget_stops_the_run(tiny_model_dir, tmp_path):
     from lora_dapt.train.pretrain import continued_pretrain
 
     result = continued_pretrain(
-        model, tok, ds, cfg, eval_config=EvalConfig(max_general_ppl_increase=0.05), general_texts=general
+        model,
+        tok,
+        ds,
+        cfg,
+        eval_config=EvalConfig(max_general_ppl_increase=0.05, restore_best=False),
+        general_texts=general,
     )
     assert result.stopped is not None and result.stopped.startswith("forgetting budget exceeded at step")
     assert result.steps < 40

@@ -175,7 +175,7 @@ def test_unknown_names_without_a_close_match_list_the_known_ones():
     assert err.value.problems == [
         "zzz: unknown section; sections are model, adapter, data, train, eval, merge, sft",
         "model.qqqq: unknown key; known keys: name_or_path, gguf_file, quantization, compute_dtype, "
-        "double_quant, trust_remote_code, attn_implementation, device",
+        "double_quant, quant_storage, trust_remote_code, attn_implementation, device",
     ]
 
 

@@ -30,7 +30,7 @@ from .conftest import make_text
 
 @pytest.fixture(scope="module")
 def model_tok(tiny_model_dir):
-    return load_base_model(tiny_model_dir, quantization=None)
+    return load_base_model(tiny_model_dir, quantization=None, compute_dtype="float32")
 
 
 def ids_of(tok, text: str) -> list[int]:
@@ -176,7 +176,7 @@ def packed_rows(tok) -> dict[str, list[list[int]]]:
 def test_eval_loss_is_the_training_loss_on_the_same_blocks(tiny_model_dir, adapter):
     from datasets import Dataset
 
-    model, tok = load_base_model(tiny_model_dir, quantization=None)
+    model, tok = load_base_model(tiny_model_dir, quantization=None, compute_dtype="float32")
     if adapter:  # a LoRA that changes the forward pass, so the test sees the adapter
         model = apply_lora(model, AdapterConfig(r=4, alpha=32, dropout=0.0, init_lora_weights=False))
     rows = packed_rows(tok)
@@ -228,14 +228,14 @@ def test_perplexity_dispatches_files_globs_and_text_datasets(model_tok, tmp_path
 
 def test_peft_model_matches_base_at_init_and_restores_training_mode(tiny_model_dir):
     texts = [make_text(30, 13)]
-    base, tok = load_base_model(tiny_model_dir, quantization=None)
+    base, tok = load_base_model(tiny_model_dir, quantization=None, compute_dtype="float32")
     base_ppl = perplexity(base, tok, texts)
     noop = apply_lora(base, AdapterConfig(r=4, alpha=8, dropout=0.0))  # B = 0: adapter is a no-op
     noop.train()
     assert perplexity(noop, tok, texts) == pytest.approx(base_ppl, rel=1e-5)
     assert noop.training  # evaluation put it back in training mode
 
-    model, tok = load_base_model(tiny_model_dir, quantization=None)
+    model, tok = load_base_model(tiny_model_dir, quantization=None, compute_dtype="float32")
     active = apply_lora(model, AdapterConfig(r=4, alpha=64, dropout=0.3, init_lora_weights=False))
     active.train()
     first = perplexity(active, tok, texts)
@@ -244,7 +244,7 @@ def test_peft_model_matches_base_at_init_and_restores_training_mode(tiny_model_d
 
 
 def test_4bit_model(tiny_model_dir, model_tok):
-    model, tok = load_base_model(tiny_model_dir, quantization="nf4")
+    model, tok = load_base_model(tiny_model_dir, quantization="nf4", compute_dtype="float32")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     texts = [make_text(30, 14)]
     result = evaluate_texts(model, tok, texts, seq_len=32, stride=16)
@@ -269,7 +269,7 @@ def test_generate_chat_is_the_greedy_generator_on_the_chat_prompt(tiny_model_dir
     from lora_dapt.data.chat import chat_prompt, ensure_chat_template
     from lora_dapt.evaluate.generate import generate_chat
 
-    model, tok = load_base_model(tiny_model_dir, quantization=None)
+    model, tok = load_base_model(tiny_model_dir, quantization=None, compute_dtype="float32")
     ensure_chat_template(tok)
     model.train()
     answer = generate_chat(model, tok, "Which field is 'dose' from?", max_new_tokens=8)

@@ -21,9 +21,13 @@ from ..errors import LoraDaptError
 EPILOG = """\
 examples:
   lora-dapt quickstart                          # SmolLM2-135M on Python docs, CPU, ~10 min
+  lora-dapt init docs/ -o config.yaml           # a commented config for your data, sized for this machine
   lora-dapt train config.yaml                   # continued pre-training from a YAML config
   lora-dapt train config.yaml --set train.max_steps=500 --set adapter.r=64
+  lora-dapt train config.yaml --nproc 2         # DDP over 2 GPUs (torchrun underneath)
   lora-dapt prepare config.yaml                 # corpus statistics only, no training
+  lora-dapt vocab config.yaml                   # preview the domain tokens adapter.new_tokens would add
+  lora-dapt tune config.yaml --trials 5         # probe learning rates, write tune/chosen.yaml
   lora-dapt report runs/demo                    # report.md + plots for a run directory
   lora-dapt merge runs/demo --dtype bfloat16    # verified 16-bit merged model
   lora-dapt export runs/demo --format gguf --type q8_0   # verified GGUF + Ollama Modelfile
@@ -50,14 +54,18 @@ EXIT_CODES = {"finished": 0, "error": 2, "forgetting budget": 3, "SIGINT": 130, 
 """Exit status of ``train`` / ``sft`` by outcome (the --help epilog explains each)."""
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s lora_dapt: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """INFO (DEBUG with -v, WARNING with -q) for lora_dapt, errors only for the libraries; progress bars only
+    on a terminal, none with -q (:mod:`lora_dapt.progress`): the libraries' own ones are switched off too."""
+    from ..progress import bars_wanted, library_bars_off
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s lora_dapt: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("lora_dapt").setLevel(level)  # also when logging was set up before (basicConfig: no-op)
     for noisy in ("transformers", "datasets", "bitsandbytes", "accelerate", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not bars_wanted():
+        library_bars_off()
 
 
 def _load_config(args: argparse.Namespace, *, check: bool = True):
@@ -73,26 +81,42 @@ def _print_result(result) -> int:
     if result.forgetting:
         from ..evaluate.forgetting import format_forgetting
 
-        print(format_forgetting(result.forgetting))
+        print(format_forgetting(result.forgetting, result.forgetting_as_trained, result.forgetting_reference))
     return result.exit_status()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..pipeline import run
+    from ..train import distributed
 
-    cfg = _load_config(args)
-    result = run(cfg)
-    return _print_result(result)
+    cfg = _load_config(args)  # a bad config fails here, once, before any process is started
+    if args.nproc > 1 and not distributed.is_distributed():
+        argv = ["train", args.config, *(x for s in args.set for x in ("--set", s))]
+        flags = ["-v"] * args.verbose + ["-q"] * args.quiet
+        return distributed.launch([*flags, *argv], args.nproc)
+    try:
+        result = run(cfg)
+    finally:
+        distributed.shutdown()
+    return _print_result(result) if distributed.is_main() else result.exit_status()
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from ..data.corpus import format_stats, prepare_corpus
-    from ..model.load import load_tokenizer, resolve_model_source
+    from ..model.load import tokenizer_before_load
 
     cfg = _load_config(args)
-    tok = load_tokenizer(resolve_model_source(cfg.model.name_or_path, cfg.model.gguf_file))
+    # the tokenizer alone, read from a GGUF file itself (never dequantized), seq_len checked against the model
+    tok = tokenizer_before_load(cfg.model, cfg.data.seq_len)
     corpus = prepare_corpus(cfg.data.sources, tok, cfg.data)
     print(format_stats(corpus.stats))
+    return 0
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from .vocab import vocab_preview
+
+    print(vocab_preview(_load_config(args), args.tokens, args.show))
     return 0
 
 
@@ -105,10 +129,28 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return _print_result(result)
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from .init import init_command
+
+    return init_command(args)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..planning.cli import plan_command
 
     return plan_command(args)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import tune_command
+
+    return tune_command(args)
+
+
+def _tune_epilog() -> str:
+    from .tune import TUNE_EPILOG
+
+    return TUNE_EPILOG
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -206,15 +248,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "quickstart": (cmd_quickstart, "adapt SmolLM2-135M to Python's docs on this machine: train, eval, merge"),
+    "init": (cmd_init, "write a commented config for your data, sized for this machine (lora-dapt plan)"),
     "train": (cmd_train, "continued pre-training from a YAML config"),
     "sft": (cmd_sft, "instruction tuning (SFT) on a DAPT run, a merged model or a base model"),
     "prepare": (cmd_prepare, "read, clean, split and pack the corpus; print its statistics"),
+    "vocab": (cmd_vocab, "preview the domain tokens adapter.new_tokens adds (tokens/char before -> after)"),
     "config": (cmd_config, "list every config key with its default and meaning"),
     "report": (cmd_report, "write report.md and plots for a run directory"),
     "merge": (cmd_merge, "merge a run's adapter into a verified 16-bit model"),
     "export": (cmd_export, "write a merged model as a verified GGUF file (llama.cpp, Ollama) + Modelfile"),
     "plan": (cmd_plan, "pick seq_len, batch, accumulation, checkpointing, optimizer to fit a GPU"),
     "eval": (cmd_eval, "perplexity / bits-per-byte of a run, a config's base model, or a model directory"),
+    "tune": (cmd_tune, "probe learning rates (ranks, tokens/step) on one base; write the best config"),
 }
 
 
@@ -226,17 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress (results printed)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (func, help_text) in COMMANDS.items():
         p = sub.add_parser(
             name,
             help=help_text,
             description=help_text,
-            epilog=EXIT_HELP if name in ("train", "sft") else None,
+            epilog=EXIT_HELP if name in ("train", "sft") else (_tune_epilog() if name == "tune" else None),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(func=func)
-        if name in ("train", "prepare", "sft"):
+        if name == "vocab":
+            p.add_argument(
+                "--tokens", type=int, default=None, help="tokens to mine (default adapter.new_tokens)"
+            )
+            p.add_argument("--show", type=int, default=40, help="tokens to list (default 40)")
+        if name in ("train", "prepare", "sft", "tune", "vocab"):
             p.add_argument("config", help="YAML config file (see `lora-dapt config` for every key)")
             p.add_argument(
                 "--set",
@@ -244,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
                 default=[],
                 metavar="SECTION.KEY=VALUE",
                 help="override a config value, e.g. --set train.learning_rate=1e-4 (repeatable)",
+            )
+        if name == "train":
+            p.add_argument(
+                "--nproc",
+                type=int,
+                default=1,
+                metavar="N",
+                help="train in N processes, one per GPU (DDP; gloo on the CPU): starts "
+                "`python -m torch.distributed.run --nproc_per_node N -m lora_dapt.cli train CONFIG`",
             )
         if name in ("report", "merge"):
             p.add_argument("run_dir", help="run directory (train.output_dir of a finished run)")
@@ -272,10 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0"], help="weight type")
             p.add_argument("--output", default=None, help="the .gguf path (default RUN/<run>-<type>.gguf)")
             p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+        if name == "init":
+            from .init import add_init_arguments
+
+            add_init_arguments(p)
         if name == "plan":
             from ..planning.cli import add_plan_arguments
 
             add_plan_arguments(p)
+        if name == "tune":
+            from .tune import add_tune_arguments
+
+            add_tune_arguments(p)
         if name == "quickstart":
             p.add_argument(
                 "--output", default="runs/quickstart", help="run directory (default runs/quickstart)"
@@ -308,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    _setup_logging(args.verbose)
+    previous_level = logging.getLogger("lora_dapt").level  # put back at the end (main called in-process)
+    _setup_logging(args.verbose, args.quiet)
     try:
         return args.func(args)
     except LoraDaptError as e:
@@ -322,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return status
+    finally:
+        logging.getLogger("lora_dapt").setLevel(previous_level)
 
 
 def _interrupted_status(err: KeyboardInterrupt) -> int:

@@ -20,6 +20,7 @@ from ..data.sources import read_text_sources
 from ..errors import DataError
 from ..rundir import EvalRow, RunDir
 from .generate import generate_samples
+from .probes import ProbeSet, score_probes
 from .score import EvalResult, evaluate_blocks, evaluate_texts
 
 log = logging.getLogger("lora_dapt")
@@ -36,14 +37,17 @@ def evaluate_splits(
     phase: str,
     run_dir: Path,
     tokens_trained: int = 0,
+    probes: ProbeSet | None = None,
+    log_rows: bool = True,
 ) -> dict[str, Any]:
     """Domain (held-out blocks) and general (texts) evaluation at one point of a run, logged as one
-    :class:`~lora_dapt.rundir.EvalRow` per split in the run's metrics log; greedy samples of
-    ``eval_cfg.prompts`` are added before and after training.
+    :class:`~lora_dapt.rundir.EvalRow` per split in the run's metrics log (unless ``log_rows`` is False: the
+    original 16-bit model's scores, which are not the model as trained); before and after training, also
+    greedy samples of ``eval_cfg.prompts``, the accuracy on ``probes`` and the ``eval_cfg.lm_eval_tasks``.
 
     In a row, ``tokens`` is the number of tokens trained so far (the x axis of the plots) and ``eval_tokens``
-    the number of tokens scored. Returns ``{"domain": EvalResult dict, "general": ..., "samples": [...]}``
-    (each only when there was something to evaluate).
+    the number of tokens scored. Returns ``{"domain": EvalResult dict, "general": ..., "samples": [...],
+    "probes": {...}, "lm_eval": {...}}`` (each only when there was something to evaluate).
     """
     out: dict[str, Any] = {}
     if eval_ds is not None and len(eval_ds) > 0:
@@ -67,11 +71,26 @@ def evaluate_splits(
         ).to_dict()
     run = RunDir(run_dir)
     for split, res in out.items():
-        run.append_metric(EvalRow(step=step, phase=phase, split=split, result=res, tokens=tokens_trained))
+        if log_rows:
+            run.append_metric(EvalRow(step=step, phase=phase, split=split, result=res, tokens=tokens_trained))
         log.info("%s eval %s: loss %.4f ppl %.3f", phase, split, res["loss"], res["ppl"])
-    if eval_cfg.prompts and phase in ("before", "after"):
+    if phase not in ("before", "after"):
+        return out
+    if eval_cfg.prompts:
         out["samples"] = generate_samples(
             model, tokenizer, eval_cfg.prompts, max_new_tokens=eval_cfg.max_new_tokens
+        )
+    if probes is not None:
+        out["probes"] = score_probes(model, tokenizer, probes)
+    if eval_cfg.lm_eval_tasks:
+        from .lm_eval import run_lm_eval  # the optional package is imported only when tasks are asked for
+
+        out["lm_eval"] = run_lm_eval(
+            model,
+            tokenizer,
+            eval_cfg.lm_eval_tasks,
+            include_path=eval_cfg.lm_eval_include_path,
+            batch_size=eval_cfg.batch_size,
         )
     return out
 
@@ -208,8 +227,66 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_forgetting(report: dict[str, Any]) -> str:
+def compare_before_after(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What a run's summary says about before -> after, the ORIGINAL 16-bit model first when it was scored.
+
+    ``before`` / ``after`` are the run's evaluations (split -> result; ``"original_16bit"``: the original
+    16-bit model and the adapter on it, see :mod:`lora_dapt.evaluate.original`; ``"probes"``, ``"lm_eval"``).
+    Returns ``{"forgetting": the headline report (against the original 16-bit model when both sides scored
+    it, else the base as trained), "forgetting_as_trained": the 4-bit report when the headline is the 16-bit
+    one (else {}), "forgetting_reference": what the headline compares with, "probes": {base: probe report},
+    "lm_eval": {base: {"before", "after"}}}``.
+    """
+    from .original import ORIGINAL
+    from .probes import probes_report
+
+    before, after = before or {}, after or {}
+    trained = forgetting_report(before, after) if before and after else {}
+    orig_b, orig_a = before.get(ORIGINAL) or {}, after.get(ORIGINAL) or {}
+    original = forgetting_report(orig_b, orig_a) if orig_b and orig_a else {}
+    out: dict[str, Any] = {
+        "forgetting": original or trained,
+        "forgetting_as_trained": trained if original else {},
+        "forgetting_reference": (
+            f"the original 16-bit model ({orig_b.get('dtype')}); after: the adapter on it (what the merge ships)"
+            if original
+            else "the base as trained"
+        ),
+        "probes": {},
+        "lm_eval": {},
+    }
+    for name, b, a in (("original_16bit", orig_b, orig_a), ("as_trained", before, after)):
+        if b.get("probes") or a.get("probes"):
+            out["probes"][name] = probes_report(b.get("probes"), a.get("probes"))
+        if b.get("lm_eval") or a.get("lm_eval"):
+            out["lm_eval"][name] = {"before": b.get("lm_eval"), "after": a.get("lm_eval")}
+    return out
+
+
+def _rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
+    for split, r in report.items():
+        change = r.get("ppl_change")
+        rows.append(
+            (
+                split,
+                _fmt(r.get("ppl_before"), ".2f"),
+                _fmt(r.get("ppl_after"), ".2f"),
+                _fmt(None if change is None else 100 * change, "+.1f") + ("%" if change is not None else ""),
+                _fmt(r.get("bpb_before"), ".4f"),
+                _fmt(r.get("bpb_after"), ".4f"),
+            )
+        )
+    return rows
+
+
+def format_forgetting(
+    report: dict[str, Any], as_trained: dict[str, Any] | None = None, reference: str | None = None
+) -> str:
     """An aligned text table of :func:`forgetting_report` (what ``lora-dapt`` prints).
+
+    With ``as_trained`` (a run that scored the original 16-bit model: ``report`` is against it), two groups:
+    first ``report`` under a heading naming ``reference``, then the 4-bit figures as trained.
 
     Example::
 
@@ -218,26 +295,21 @@ def format_forgetting(report: dict[str, Any]) -> str:
         domain       20.00      15.00  -25.0%           -          -
     """
     header = ("split", "ppl before", "ppl after", "change", "bpb before", "bpb after")
-    rows = [header]
-    for split, r in report.items():
-        rows.append(
-            (
-                split,
-                _fmt(r.get("ppl_before"), ".2f"),
-                _fmt(r.get("ppl_after"), ".2f"),
-                _fmt(None if r.get("ppl_change") is None else 100 * r["ppl_change"], "+.1f")
-                + ("%" if r.get("ppl_change") is not None else ""),
-                _fmt(r.get("bpb_before"), ".4f"),
-                _fmt(r.get("bpb_after"), ".4f"),
-            )
-        )
-    notes = [r["note"] for r in report.values() if r.get("note")]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
-    return "\n".join([line.rstrip() for line in lines] + [f"note: {n}" for n in notes])
+    groups = [(None, _rows(report))]
+    if as_trained:
+        groups = [
+            (f"against {reference or 'the original 16-bit model'}:", _rows(report)),
+            ("the 4-bit base as trained (adapter on it after):", _rows(as_trained)),
+        ]
+    every = [header] + [row for _, rows in groups for row in rows]
+    widths = [max(len(row[i]) for row in every) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        cells = zip(row, widths, strict=True)
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells)).rstrip()
+
+    lines = [line(header)]
+    for heading, rows in groups:
+        lines += ([heading] if heading else []) + [line(r) for r in rows]
+    notes = [r["note"] for part in (report, as_trained or {}) for r in part.values() if r.get("note")]
+    return "\n".join(lines + [f"note: {n}" for n in notes])

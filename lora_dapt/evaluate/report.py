@@ -206,7 +206,53 @@ def _data_section(stats: Any, name: str) -> list[str]:
     return lines + _table(("statistic", "value"), rows) + [""]
 
 
-def _eval_section(evals: dict[str, dict[str, Any]], missing: list[str]) -> list[str]:
+_EVAL_HEADER = (
+    "split",
+    "ppl before",
+    "ppl after",
+    "change",
+    "bits/byte before",
+    "bits/byte after",
+    "tokens scored",
+)
+
+
+def _original_lines(summary: dict[str, Any]) -> list[str]:
+    """The table against the ORIGINAL 16-bit model (first: what a user gains and gives up), or why the run
+    has none."""
+    plan = summary.get("original_base") or {}
+    headline = summary.get("forgetting") or {}
+    if not summary.get("forgetting_as_trained"):
+        if plan and not plan.get("scored") and plan.get("reason"):
+            return [f"The original 16-bit model was not scored: {plan['reason']}.", ""]
+        return []
+    after = (summary.get("after") or {}).get("original_16bit") or {}
+    rows = [
+        (
+            split,
+            _num(r.get("ppl_before"), ".3f"),
+            _num(r.get("ppl_after"), ".3f"),
+            _pct(r.get("ppl_change")),
+            _num(r.get("bpb_before"), ".4f"),
+            _num(r.get("bpb_after"), ".4f"),
+            _num((after.get(split) or {}).get("tokens")),
+        )
+        for split, r in headline.items()
+    ]
+    lines = [f"### Against {summary.get('forgetting_reference') or 'the original 16-bit model'}", ""]
+    lines += _table(_EVAL_HEADER, rows) + [""]
+    for split, word in (("domain", "gain"), ("general", "forgetting")):
+        change = (headline.get(split) or {}).get("ppl_change")
+        if isinstance(change, float):
+            lines.append(
+                f"{split.capitalize()} perplexity against the original: {_pct(change)} ({word} as shipped)."
+            )
+    return lines + ["", "### On the 4-bit base as trained", ""]
+
+
+def _eval_section(
+    evals: dict[str, dict[str, Any]], missing: list[str], summary: dict[str, Any] | None = None
+) -> list[str]:
     lines = ["## Before / after training", ""]
     before, after = evals["before"], evals["after"]
     if not before and not after:
@@ -216,6 +262,7 @@ def _eval_section(evals: dict[str, dict[str, Any]], missing: list[str]) -> list[
         missing.append("after-training evaluation: none (the run stopped early or was interrupted)")
     if not before:
         missing.append("before-training evaluation: none")
+    lines += _original_lines(summary or {})
     report = forgetting_report(before, after)
     rows = []
     for split, r in report.items():
@@ -231,16 +278,7 @@ def _eval_section(evals: dict[str, dict[str, Any]], missing: list[str]) -> list[
                 _num(tokens),
             )
         )
-    header = (
-        "split",
-        "ppl before",
-        "ppl after",
-        "change",
-        "bits/byte before",
-        "bits/byte after",
-        "tokens scored",
-    )
-    lines += _table(header, rows)
+    lines += _table(_EVAL_HEADER, rows)
     notes = [""]
     if "domain" in report and isinstance(report["domain"]["ppl_change"], float):
         notes.append(
@@ -251,6 +289,90 @@ def _eval_section(evals: dict[str, dict[str, Any]], missing: list[str]) -> list[
         verdict = "forgetting" if change > 0 else "no forgetting measured"
         notes.append(f"General-text perplexity changed by {_pct(change)}: {verdict}.")
     return lines + notes + [""]
+
+
+def _budget_section(budget: Any) -> list[str]:
+    """The forgetting budget: every check during training, the step where it was crossed marked, the best
+    step inside it (restored or not), and the verdict on the 16-bit figures."""
+    if not isinstance(budget, dict) or not budget:
+        return []
+    lines = ["## Forgetting budget", ""]
+    lines.append(
+        f"General perplexity may rise {_pct(budget.get('limit'))} above {budget.get('reference')}: "
+        f"{_num(budget.get('reference_ppl'), '.3f')}."
+    )
+    rows = []
+    for c in budget.get("checks") or []:
+        step = c.get("step")
+        mark = "**budget crossed: run stopped**" if step == budget.get("crossed_at") else "within"
+        if step == budget.get("best_step"):
+            mark = "best inside the budget" + (" (restored)" if budget.get("restored") else "")
+        rows.append((_num(step), _num(c.get("domain_loss"), ".4f"), _num(c.get("general_ppl"), ".3f"), mark))
+    if rows:
+        lines += [""] + _table(("step", "domain loss", "general ppl", "budget"), rows)
+    if budget.get("message"):
+        lines += ["", f"{budget['message']}."]
+    final = budget.get("original_16bit")
+    if isinstance(final, dict):
+        verdict = "within the budget" if final.get("within") else "**over the budget**"
+        lines += [
+            "",
+            f"Against the original 16-bit model: general ppl {_num(final.get('ppl_before'), '.3f')} -> "
+            f"{_num(final.get('ppl_after'), '.3f')} ({_pct(final.get('change'))}): {verdict}.",
+        ]
+    return lines + [""]
+
+
+_BASES = {"original_16bit": "original 16-bit model", "as_trained": "4-bit base as trained"}
+
+
+def _probes_section(probes: Any, lm_eval: Any) -> list[str]:
+    """Probe accuracy and lm-evaluation-harness metrics before -> after, the original 16-bit model first."""
+    lines: list[str] = []
+    if isinstance(probes, dict) and probes:
+        rows = []
+        for base, report in probes.items():
+            for split, r in report.items():
+                if isinstance(r, dict):
+                    acc = f"{_num(r.get('correct_before'))} -> {_num(r.get('correct_after'))} of {_num(r.get('total'))}"
+                    rows.append(
+                        (
+                            _BASES.get(base, base),
+                            split,
+                            _pct(r.get("accuracy_before"))[1:],
+                            _pct(r.get("accuracy_after"))[1:],
+                            acc,
+                        )
+                    )
+        notes = [f"Note: {r['note']}." for r in probes.values() if r.get("note")]
+        lines += [
+            "## Knowledge probes",
+            "",
+            "Right when the answer has the highest total log-probability.",
+            "",
+        ]
+        lines += _table(("model", "split", "accuracy before", "accuracy after", "right"), rows) + ["", *notes]
+    if isinstance(lm_eval, dict) and lm_eval:
+        rows = []
+        for base, sides in lm_eval.items():
+            b, a = (sides.get("before") or {}).get("tasks", {}), (sides.get("after") or {}).get("tasks", {})
+            for task in sorted(set(b) | set(a)):
+                for metric in sorted(set(b.get(task, {})) | set(a.get(task, {}))):
+                    if "stderr" not in metric:
+                        rows.append(
+                            (
+                                _BASES.get(base, base),
+                                task,
+                                metric,
+                                _num(b.get(task, {}).get(metric), ".4f"),
+                                _num(a.get(task, {}).get(metric), ".4f"),
+                            )
+                        )
+        lines += ["## lm-evaluation-harness", ""] + _table(
+            ("model", "task", "metric", "before", "after"), rows
+        )
+        lines.append("")
+    return lines
 
 
 def _training_section(summary: dict[str, Any], train_rows: list[dict[str, Any]]) -> list[str]:
@@ -353,7 +475,9 @@ def write_report(run_dir: str | Path) -> Path:
 
     header = [f"# Run report: {run.path.name}", "", f"- run directory: `{run.path}`", f"- status: {status}"]
     header += [f"- generated: {generated} by `lora-dapt report`", ""]
-    lines = _eval_section(_evals_by_phase(summary, rows), missing)
+    lines = _eval_section(_evals_by_phase(summary, rows), missing, summary)
+    lines += _budget_section(summary.get("budget"))
+    lines += _probes_section(summary.get("probes"), summary.get("lm_eval"))
     lines += _training_section(summary, train_rows)
     lines += ["## Plots", ""]
     for png, title in ((loss_png, "loss"), (lr_png, "learning rate")):

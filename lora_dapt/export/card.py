@@ -77,6 +77,8 @@ class RunFacts:
     """The :data:`DATA_KEYS` the run's corpus statistics hold."""
     forgetting: dict[str, Any] = field(default_factory=dict)
     """``forgetting_report(before, after)``: split -> ppl_before, ppl_after, ppl_change, bpb_*."""
+    forgetting_reference: str = ""
+    """What ``forgetting`` compares with (the original 16-bit model, or the base as trained)."""
     stopped: str | None = None
 
     @classmethod
@@ -101,6 +103,7 @@ class RunFacts:
             seq_len=seq_len,
             data=_data_fields(stats.to_dict() if hasattr(stats, "to_dict") else stats),
             forgetting=dict(result.forgetting or {}),
+            forgetting_reference=result.forgetting_reference,
             stopped=result.stopped,
         )
 
@@ -129,6 +132,7 @@ class RunFacts:
             seq_len=seq_len,
             data=_data_fields(stats),
             forgetting=dict(summary.get("forgetting") or {}),
+            forgetting_reference=str(summary.get("forgetting_reference") or ""),
             stopped=summary.get("stopped"),
         )
 
@@ -218,7 +222,7 @@ def _run_sections(facts: RunFacts) -> list[str]:
         lines += [
             "",
             "Perplexity on the held-out domain split and on general text (a rise of general perplexity is "
-            "forgetting).",
+            f"forgetting), against {facts.forgetting_reference or 'the base as trained'}.",
             "",
         ]
     else:

@@ -8,8 +8,11 @@ safetensors, and LoRA dropout draws its mask faster on the CPU (:class:`CPUDropo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +72,39 @@ def prepare_for_training(model: Any, *, gradient_checkpointing: bool = True) -> 
     if gradient_checkpointing:
         # non-reentrant checkpointing reaches the parameters inside without the embedding output requiring
         # grad (peft's enable_input_require_grads would add a backward pass through layer 0's inputs)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # (activation_* since transformers 5: the gradient_* names are deprecated aliases that warn)
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
     elif hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
     model.config.use_cache = False
     return model
+
+
+def checkpointing_on(model: Any) -> bool:
+    """Whether activation (gradient) checkpointing is on, read through transformers 5's name
+    (``is_activation_checkpointing``) when the model has it: the old one warns."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):  # looked up on the class: reading the property is what warns
+            return bool(getattr(model, name))
+    return False
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around peft's wrapping of a transformers 5 model: peft reads the deprecated ``is_gradient_checkpointing``
+    property (``getattr(model, "is_gradient_checkpointing", True)`` in ``PeftModel.__init__``), which warns on
+    every call whatever its value; that one FutureWarning, not ours to fix, is ignored here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 class CPUDropout(torch.nn.Dropout):
@@ -123,14 +154,26 @@ def _trainable_to_fp32(model: Any) -> None:
             p.data = p.data.float()
 
 
-def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any) -> Any:
+def apply_lora(
+    model: Any,
+    config: AdapterConfig | None = None,
+    *,
+    seq_len: int | None = None,
+    batch_size: int = 1,
+    trainable_tokens: Sequence[int] | None = None,
+    **overrides: Any,
+) -> Any:
     """Attach a LoRA adapter (peft) to ``model`` and return the ``PeftModel``.
 
     ``overrides`` replace single fields of ``config``. Freezes the base and turns on gradient checkpointing
-    when asked (:func:`prepare_for_training`), checks that explicit ``target_modules`` exist (naming the
+    when asked (:func:`prepare_for_training`; ``gradient_checkpointing='auto'`` asks the memory planner
+    whether a step of ``batch_size`` blocks of ``seq_len`` tokens (default: the model's context, at most
+    2048) fits the free memory without it, and logs the choice), checks that explicit ``target_modules`` exist (naming the
     linear layers that do), and with ``train_embeddings`` trains the input embeddings and the output head in
-    full (``modules_to_save``), keeping tied weights tied. Trainable tensors are fp32. Logs trainable /
-    total parameters.
+    full (``modules_to_save``), keeping tied weights tied. ``trainable_tokens`` (token ids, e.g. the new
+    tokens of :func:`lora_dapt.model.vocab.add_token_rows`) trains only those rows of the input embeddings
+    and of the head (peft ``trainable_token_indices``; one shared copy when tied); with ``train_embeddings``
+    the whole matrices train instead. Trainable tensors are fp32. Logs trainable / total parameters.
 
     Example::
 
@@ -155,15 +198,27 @@ def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any
                 f"its linear layers are: {', '.join(available)} (or use 'all-linear')"
             )
 
-    prepare_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing)
+    from ..planning.checkpointing import choose_gradient_checkpointing
+
+    if seq_len is None:
+        seq_len = min(int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 2048)
+    choice = choose_gradient_checkpointing(model, cfg, seq_len=seq_len, batch_size=batch_size)
+    log.info("%s", choice.reason)
+    prepare_for_training(model, gradient_checkpointing=choice.enabled)
 
     modules_to_save = None
+    token_indices = None
     tie = False
+    emb = _module_name(model, model.get_input_embeddings())
+    head = _module_name(model, model.get_output_embeddings())
     if cfg.train_embeddings:
-        emb = _module_name(model, model.get_input_embeddings())
-        head = _module_name(model, model.get_output_embeddings())
         modules_to_save = [n for n in (emb, head) if n]
         tie = tied_embeddings(model)
+    elif trainable_tokens:
+        tie = tied_embeddings(model)
+        ids = sorted(int(i) for i in trainable_tokens)
+        # tied: peft wraps the head with the embedding's adapter (ensure_weight_tying), one copy of the rows
+        token_indices = {emb: ids} if tie or not head else {emb: ids, head: ids}
 
     lora_cfg = LoraConfig(
         r=cfg.r,
@@ -175,10 +230,12 @@ def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any
         bias="none",
         task_type="CAUSAL_LM",
         modules_to_save=modules_to_save,
+        trainable_token_indices=token_indices,
         ensure_weight_tying=tie,
         init_lora_weights=cfg.init_lora_weights,
     )
-    peft_model = get_peft_model(model, lora_cfg)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, lora_cfg)
     _trainable_to_fp32(peft_model)
     trainable, total = count_parameters(peft_model)
     log.info(
@@ -186,7 +243,7 @@ def apply_lora(model: Any, config: AdapterConfig | None = None, **overrides: Any
         cfg.r,
         cfg.alpha,
         cfg.target_modules if isinstance(cfg.target_modules, str) else ",".join(cfg.target_modules),
-        " + embeddings/head" if cfg.train_embeddings else "",
+        " + embeddings/head" if cfg.train_embeddings else (" + new token rows" if token_indices else ""),
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / max(total, 1),
@@ -236,7 +293,8 @@ def load_adapter(model: Any, adapter_dir: str | Path, *, is_trainable: bool = Fa
     except ValueError as e:
         raise ModelLoadError(f"{adapter_dir}/adapter_config.json is not valid JSON: {e}") from None
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()
         detail = next(

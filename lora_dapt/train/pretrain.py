@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,7 +35,9 @@ import torch
 from ..config import EvalConfig, RunConfig, TrainConfig
 from ..errors import DataError, TrainingError
 from ..model.load import ModelSource
+from ..model.vocab import embedding_layers_to_save
 from ..rundir import Resume, RunDir
+from . import distributed
 from .evaluation import RunEvaluation, run_general_texts
 from .resume_config import (
     ApplyCurrentSchedule,
@@ -46,6 +48,7 @@ from .resume_config import (
     recorded_before,
 )
 from .schedule import total_optimizer_steps
+from .trackers import Trackers, check_trackers
 from .trainer import DAPTTrainer, RunState, _SignalGuard, build_trainer
 
 log = logging.getLogger("lora_dapt")
@@ -66,6 +69,19 @@ class TrainResult:
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
     forgetting: dict[str, Any] = field(default_factory=dict)
+    """Before -> after per split, against the original 16-bit model when it was scored (else the base as
+    trained): ``forgetting_reference`` says which."""
+    forgetting_as_trained: dict[str, Any] = field(default_factory=dict)
+    """The same on the 4-bit base as trained, when ``forgetting`` is against the original ({} otherwise)."""
+    forgetting_reference: str = ""
+    original_base: dict[str, Any] = field(default_factory=dict)
+    """Whether the original 16-bit model was scored, in which dtype, and why (or why not)."""
+    budget: dict[str, Any] = field(default_factory=dict)
+    """The forgetting budget's record (eval.max_general_ppl_increase): checks, crossing, best step, restore."""
+    probes: dict[str, Any] = field(default_factory=dict)
+    """Probe accuracy before -> after per split (eval.probes), per base ('original_16bit', 'as_trained')."""
+    lm_eval: dict[str, Any] = field(default_factory=dict)
+    """lm-evaluation-harness results before / after (eval.lm_eval_tasks), per base."""
     stopped: str | None = None
     """None when the run finished; else why it stopped early ('interrupted', 'forgetting budget ...')."""
     skipped_steps: int = 0
@@ -73,6 +89,18 @@ class TrainResult:
     signal: str | None = None
     """The signal ('SIGINT', 'SIGTERM') received during the run, if any; it stopped the run, unless it came
     during the evaluation after training (which then finished: the run is complete)."""
+    model_flops_per_token: float | None = None
+    """Model FLOPs per trained token (:mod:`lora_dapt.train.flops`: forward, backward through the frozen base,
+    LoRA, attention within documents, the recompute under gradient checkpointing); ``flops_terms`` splits it."""
+    flops_terms: dict[str, float] = field(default_factory=dict)
+    achieved_tflops: float | None = None
+    """tokens_per_s x model_flops_per_token, in TFLOP/s (evaluations and saves during training included)."""
+    peak_tflops: float | None = None
+    """The device's measured matmul peak in the compute dtype (None when not cached and too slow to measure)."""
+    peak_source: str | None = None
+    """Where the peak came from: 'cached: <key>' or 'measured: <key>', or why there is none."""
+    mfu: float | None = None
+    """Model FLOPs utilisation: achieved_tflops / peak_tflops."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +156,11 @@ def continued_pretrain(
     """
     cfg = config or TrainConfig()
     # run.start locks the directory against a second run; leaving the block (success, error) unlocks it
-    with RunDir(cfg.output_dir) as run:
+    trackers = check_trackers(cfg.report_to)  # a missing tracker package fails before anything is written
+    with (
+        RunDir(cfg.output_dir) as run,
+        Trackers(trackers, cfg.run_name, run.tensorboard_dir, distributed.is_main()) as tracked,
+    ):
         return _train(
             run,
             model,
@@ -140,6 +172,7 @@ def continued_pretrain(
             general_texts=general_texts,
             callbacks=callbacks,
             model_source=model_source,
+            trackers=tracked,
         )
 
 
@@ -155,11 +188,28 @@ def _train(
     general_texts: list[str] | None,
     callbacks: list[Any] | None,
     model_source: ModelSource | None,
+    trackers: Trackers,
 ) -> TrainResult:
     """:func:`continued_pretrain` inside its run directory (whose lock ``run.start`` takes)."""
     train_ds, eval_ds = _split(corpus)
     seq_len = _check_inputs(model, train_ds, cfg)
-    total_steps = total_optimizer_steps(len(train_ds), cfg, seq_len)
+    distributed.init()  # several processes (torchrun / accelerate launch): open the group before run.start
+    world = distributed.world_size()
+    total_steps = total_optimizer_steps(len(train_ds), cfg, seq_len, world)
+    shards = distributed.shard_stats(len(train_ds), cfg.batch_size, world)
+    if distributed.is_main():
+        glob = distributed.global_batch(cfg.batch_size, cfg.gradient_accumulation_steps, world)
+        log.info(
+            "global batch %d blocks (%d tokens) per optimizer step = batch_size %d x gradient_accumulation_steps "
+            "%d x %d process(es); %d steps; %s",
+            glob,
+            glob * seq_len,
+            cfg.batch_size,
+            cfg.gradient_accumulation_steps,
+            world,
+            total_steps,
+            shards.describe(),
+        )
     _prepare_model(model)
     source = model_source or ModelSource.of_model(model)
     from ..export.card import record_base_name  # adapter_config.json names the user's source, not a cache
@@ -178,18 +228,32 @@ def _train(
     recorded = recorded_before(run, resume)  # what the 'before' evaluation of a resumed run scored
     eval_cfg = pinned_eval_config(eval_cfg, recorded)
     _save_run_files(run, model, source, cfg, eval_cfg, run_config, corpus)
+    trackers.start()  # before the evaluation before training: its rows go to the trackers too
     state = RunState(checkpoint_bytes=_checkpoint_bytes(model))
     run.check_disk_space(state.checkpoint_bytes * 2, "checkpoints and the adapter")
     general = run_general_texts(general_texts, eval_cfg)
     check_general_texts(recorded, general)
-    evaluation = RunEvaluation(model, tokenizer, eval_ds, general, eval_cfg, run)
+    trust = bool(run_config is not None and run_config.model.trust_remote_code)
+    evaluation = RunEvaluation(
+        model,
+        tokenizer,
+        eval_ds,
+        general,
+        eval_cfg,
+        run,
+        source=source,
+        trust_remote_code=trust,
+        trackers=trackers,
+    )
 
     # a first SIGINT/SIGTERM stops at the next safe point: after the evaluation, or the step, under way
     with _SignalGuard(state):
         # -- evaluate the base -------------------------------------------------------------------------
         state.phase = "the evaluation before training"
         before = _evaluate_base(evaluation, run, resume)
-        if state.signal:
+        if distributed.any_rank(state.signal is not None):  # every rank stops, or none
+            # torchrun passes a signal on to every rank as SIGTERM; one it has not reached yet stops as for it
+            state.signal = state.signal or "SIGTERM"
             return _stopped_before_training(run, state, resume, before)
 
         # -- fit ---------------------------------------------------------------------------------------
@@ -205,25 +269,44 @@ def _train(
             evaluate=evaluation.during if eval_cfg.enabled else None,
             callbacks=[ApplyCurrentSchedule(cfg), *(callbacks or [])],
             tokens_start=resume.tokens if resume else 0,
+            trackers=trackers,
         )
         wall = _fit(trainer, resume, total_steps, cfg, seq_len)
+        restored = evaluation.restore_best()  # the budget stopped the run: the best in-budget adapter
+        if restored and state.stopped:
+            state.stopped = f"{state.stopped}; {restored}"
 
         # -- save the adapter, evaluate it -------------------------------------------------------------
         state.phase = "the evaluation after training"
         run.check_disk_space(state.checkpoint_bytes, "the adapter")
-        model.save_pretrained(str(run.adapter_dir))
-        tokenizer.save_pretrained(str(run.adapter_dir))
+        if trainer.is_fsdp_enabled:  # sharded weights: the Trainer gathers them, every rank taking part
+            trainer.save_model(str(run.adapter_dir))
+        elif distributed.is_main():  # DDP keeps every rank's weights equal: rank 0 saves them
+            model.save_pretrained(str(run.adapter_dir), save_embedding_layers=embedding_layers_to_save(model))
+        if distributed.is_main():
+            tokenizer.save_pretrained(str(run.adapter_dir))
         step, tokens = int(trainer.state.global_step), int(trainer.state.num_input_tokens_seen)
         after = {} if state.interrupted else evaluation.after(step, tokens)
 
     # -- summary and report ----------------------------------------------------------------------------
     result = _result(run, state, step, tokens, tokens - trainer.tokens_start, wall, before, after)
-    run.write_summary({**result.to_dict(), "data_stats": _stats_dict(corpus)})
-    from ..export.card import RunFacts, adapter_card, write_card  # replaces peft's blank card
+    if tokens > trainer.tokens_start:  # MFU of this session's training (lora_dapt.train.flops)
+        from .flops import run_utilisation
 
-    facts = RunFacts.from_training(result, source, model, cfg.learning_rate, seq_len, _stats_dict(corpus))
-    write_card(run.adapter_dir, adapter_card(facts))
-    _finish(run, result, interrupted=state.interrupted)
+        result = replace(
+            result, **run_utilisation(model, train_ds, result.tokens_per_s, source.compute_dtype)
+        )
+    result.budget = evaluation.final_budget(before, after)
+    trackers.log_forgetting(result.forgetting, step)
+    run.write_summary({**result.to_dict(), "data_stats": _stats_dict(corpus), "shards": shards.to_dict()})
+    if distributed.is_main():
+        from ..export.card import RunFacts, adapter_card, write_card  # replaces peft's blank card
+
+        stats = _stats_dict(corpus)
+        facts = RunFacts.from_training(result, source, model, cfg.learning_rate, seq_len, stats)
+        write_card(run.adapter_dir, adapter_card(facts))
+        _finish(run, result, interrupted=state.interrupted)
+    distributed.barrier()  # the other ranks return once rank 0 has written everything
     return result
 
 
@@ -429,7 +512,8 @@ def _result(
     before: dict[str, Any],
     after: dict[str, Any],
 ) -> TrainResult:
-    from ..evaluate.forgetting import forgetting_report
+    from ..evaluate.forgetting import compare_before_after
+    from ..evaluate.original import ORIGINAL
     from ..planning.memory import peak_memory_bytes
 
     return TrainResult(
@@ -443,7 +527,8 @@ def _result(
         peak_memory_bytes=peak_memory_bytes(),
         before=before,
         after=after,
-        forgetting=forgetting_report(before, after) if before and after else {},
+        **compare_before_after(before, after),
+        original_base=dict((before.get(ORIGINAL) or {}).get("plan") or {}),
         stopped=state.stopped,
         skipped_steps=state.skipped_steps,
         signal=state.signal,

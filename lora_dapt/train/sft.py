@@ -102,12 +102,15 @@ def _load_model(
     adapter_cfg: AdapterConfig,
     merge_cfg: MergeConfig | None,
     seed: int,
+    step_shape: tuple[int, int],
 ) -> tuple[Any, str, ModelSource]:
-    """(LoRA model ready to train, the base it sits on, that base's ModelSource)."""
+    """(LoRA model ready to train, the base it sits on, that base's ModelSource). ``step_shape`` is
+    (seq_len, batch_size), for ``adapter.gradient_checkpointing='auto'``."""
     from transformers import set_seed
 
     from ..model.load import load_base_model_from
     from ..model.lora import apply_lora, load_adapter, prepare_for_training
+    from ..planning.checkpointing import choose_gradient_checkpointing
 
     if run is not None and stack == "continue":
         # the adapter continues on exactly the base it was trained on: same quantization and compute dtype
@@ -120,7 +123,12 @@ def _load_model(
             quantization=trained_on.quantization if trained_on.quantized else None,
             compute_dtype=trained_on.compute_dtype,
         )
-        model = prepare_for_training(loaded.model, gradient_checkpointing=adapter_cfg.gradient_checkpointing)
+        seq_len, batch_size = step_shape
+        choice = choose_gradient_checkpointing(
+            loaded.model, adapter_cfg, seq_len=seq_len, batch_size=batch_size
+        )
+        log.info("%s", choice.reason)
+        model = prepare_for_training(loaded.model, gradient_checkpointing=choice.enabled)
         return load_adapter(model, run.adapter_dir, is_trainable=True), base, loaded.source
     if run is not None:  # stack == "merge"
         base = str(_merged_dir(run, merge_cfg))
@@ -129,7 +137,8 @@ def _load_model(
         base = str(model_or_run)
         loaded = load_base_model_from(model_cfg, name_or_path=base)
     set_seed(seed)  # the LoRA init draws from the global generators
-    return apply_lora(loaded.model, adapter_cfg), base, loaded.source
+    seq_len, batch_size = step_shape
+    return apply_lora(loaded.model, adapter_cfg, seq_len=seq_len, batch_size=batch_size), base, loaded.source
 
 
 def sft(
@@ -185,7 +194,14 @@ def sft(
     prepared = prepare_sft_data(data, tokenizer, cfg)
     log.info("SFT data ready: %s", prepared.stats.summary())
     model, base, source = _load_model(
-        model_or_run, run, cfg.stack, model_cfg, adapter_cfg, merge_config, cfg.seed
+        model_or_run,
+        run,
+        cfg.stack,
+        model_cfg,
+        adapter_cfg,
+        merge_config,
+        cfg.seed,
+        (cfg.seq_len, cfg.batch_size),
     )
     model.config.use_cache = False  # packed blocks are kept apart only without a KV cache
     prepared.stats.source = {

@@ -7,7 +7,7 @@
   ``save_total_limit`` rotation is off: it would delete the last complete checkpoint before the new one is
   marked), disk-space checks before saving, non-finite
   loss / gradient checks before each optimizer step, periodic evaluation, stopping on a signal;
-* :class:`ProgressBarCallback`: one tqdm bar with loss and tokens/s;
+* :class:`ProgressBarCallback`: training progress with loss and tokens/s (a bar on a terminal only);
 * :class:`_SignalGuard`: the first Ctrl-C / SIGTERM asks for a checkpoint and a clean stop.
 
 They share one :class:`RunState` (typed, one per run): what the signal handler, the callbacks and the
@@ -31,8 +31,11 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from ..config import TrainConfig
 from ..errors import TrainingError
 from ..model.loss import causal_lm_loss_sum
+from ..progress import Progress, progress
 from ..rundir import RunDir, TrainRow
+from .distributed import any_rank, barrier
 from .schedule import group_settings, lr_factor
+from .trackers import Trackers, tracker_names
 
 log = logging.getLogger("lora_dapt")
 
@@ -113,12 +116,22 @@ class DAPTTrainer(Trainer):
         loss_sum, n = causal_lm_loss_sum(
             model, inputs["input_ids"], inputs["labels"], inputs.get("position_ids")
         )
-        if model.training:
-            self.state.num_input_tokens_seen += n
+        world = self.accelerator.num_processes
+        if model.training:  # tokens trained by every rank together
+            self.state.num_input_tokens_seen += (
+                int(self.accelerator.reduce(torch.tensor(n, device=loss_sum.device), "sum"))
+                if world > 1
+                else n
+            )
         denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
         if isinstance(denom, torch.Tensor):
             denom = denom.to(loss_sum.device)
         loss = loss_sum / denom
+        if world > 1 and num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts every rank's tokens and DDP averages the gradients over the ranks:
+            # x world makes the update sum(all ranks' token losses) / all tokens, as on one process (the
+            # Trainer's own compute_loss does the same)
+            loss = loss * world
         return (loss, None) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
@@ -137,7 +150,8 @@ class DAPTTrainer(Trainer):
         lora, emb = [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
-                (emb if "modules_to_save" in name else lora).append(p)
+                # fully trained embeddings/head and new token rows (peft trainable tokens): the embedding group
+                (emb if "modules_to_save" in name or "trainable_tokens_delta" in name else lora).append(p)
         groups = [{"params": lora, **settings["lora"], "name": "lora"}]
         if emb:
             groups.append({"params": emb, **settings["embeddings"], "name": "embeddings"})
@@ -229,8 +243,9 @@ class LoraDaptCallback(TrainerCallback):
                 log.warning(reason)
                 control.should_training_stop = True
                 control.should_save = True
-        if self.state.signal:
-            self.state.stopped = f"interrupted by {self.state.signal}"
+        # every rank stops at the same step, whichever rank the signal reached (a collective under DDP)
+        if any_rank(self.state.signal is not None):
+            self.state.stopped = f"interrupted by {self.state.signal or 'a signal to another rank'}"
             control.should_training_stop = True
             control.should_save = True
         if control.should_save:
@@ -239,32 +254,37 @@ class LoraDaptCallback(TrainerCallback):
 
     def on_save(self, args, st, control, **kw):
         # The Trainer has written checkpoint-N; mark it complete, and only then delete old ones: a kill at
-        # any moment leaves at least one complete checkpoint.
+        # any moment leaves at least one complete checkpoint. Under DDP every rank has saved its RNG state
+        # into it once all reach the barrier; then rank 0 marks and rotates (mark_complete is False elsewhere).
+        barrier()
         if self.run.mark_complete(st.global_step, int(st.num_input_tokens_seen)):
             self.run.rotate_checkpoints(st.global_step, keep=self.cfg.save_total_limit)
         return control
 
 
 class ProgressBarCallback(TrainerCallback):
-    """One tqdm bar with loss and tokens/s (replaces the Trainer's dict-printing bar)."""
+    """Training progress with loss and tokens/s (replaces the Trainer's dict-printing bar): a bar on a
+    terminal, a log line every 10% of the steps (and every minute) elsewhere (:mod:`lora_dapt.progress`)."""
 
     def __init__(self) -> None:
-        self.bar: Any = None
+        self.bar: Progress | None = None
 
     def on_train_begin(self, args, st, control, **kw):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(
-            total=st.max_steps, initial=st.global_step, desc="training", unit="step", dynamic_ncols=True
-        )
+        if not st.is_world_process_zero:  # one bar, rank 0's
+            return
+        self.bar = progress(st.max_steps, "training", unit="step", initial=st.global_step)
 
     def on_step_end(self, args, st, control, **kw):
-        if self.bar is not None:
+        # a step about to be logged advances in on_log, after its loss is posted (a line shows its own loss)
+        if self.bar is not None and not control.should_log:
             self.bar.update(st.global_step - self.bar.n)
 
     def on_log(self, args, st, control, logs=None, **kw):
-        if self.bar is not None and logs and "loss" in logs:
+        if self.bar is None:
+            return
+        if logs and "loss" in logs:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=logs.get("tok/s"))
+        self.bar.update(st.global_step - self.bar.n)
 
     def on_train_end(self, args, st, control, **kw):
         if self.bar is not None:
@@ -283,9 +303,11 @@ def build_trainer(
     evaluate: Evaluator | None,
     callbacks: list[Any] | None = None,
     tokens_start: int = 0,
+    trackers: Trackers | None = None,
 ) -> DAPTTrainer:
     """A :class:`DAPTTrainer` for one run: checkpoints in ``run.checkpoints_dir``, our callbacks first (then
-    ``callbacks``), our progress bar instead of the Trainer's."""
+    ``callbacks``), our progress bar instead of the Trainer's; ``train.report_to`` / ``run_name`` go to the
+    Trainer, whose tracker callbacks ``trackers`` may replace (:meth:`Trackers.trainer_callbacks`)."""
     use_cpu = next(model.parameters()).device.type != "cuda"
     args = TrainingArguments(
         output_dir=str(run.checkpoints_dir),
@@ -302,10 +324,12 @@ def build_trainer(
         save_total_limit=None,  # LoraDaptCallback.on_save rotates, after the completion marker
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to="none",
+        report_to=tracker_names(cfg.report_to) or "none",
+        run_name=cfg.run_name,
         remove_unused_columns=False,
         dataloader_num_workers=cfg.num_workers,
         use_cpu=use_cpu,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient (and checkpointing needs False)
         disable_tqdm=True,
         save_only_model=False,
         **_precision_flags(model, cfg, compute_dtype),
@@ -323,6 +347,9 @@ def build_trainer(
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
+    for callback in trackers.trainer_callbacks() if trackers is not None else []:
+        trainer.remove_callback(type(callback))  # the Trainer's own one, replaced for the same tracker
+        trainer.add_callback(callback)
     return trainer
 
 
