@@ -68,7 +68,9 @@ OLD_DEFAULTS = {
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "new": {},
+    "lr2e-4": {"train.learning_rate": 2e-4},
     "lr5e-4": {"train.learning_rate": 5e-4},
+    "lr7e-4": {"train.learning_rate": 7e-4},
     "lr1e-3": {"train.learning_rate": 1e-3},
     "lr2e-3": {"train.learning_rate": 2e-3},
     "rslora": {"adapter.use_rslora": True, "adapter.alpha": 16},
@@ -282,7 +284,7 @@ def run_recipe(base: Path, train_texts: list[str], budget: int, seq: int, out: P
         gradient_accumulation_steps=1,
         learning_rate=2e-4,
         lr_scheduler_type="cosine",
-        warmup_ratio=0.05,
+        warmup_steps=0.05,  # a float below 1 is a ratio (transformers 5 dropped warmup_ratio)
         num_train_epochs=1,
         bf16=True,
         logging_steps=1,

@@ -14,6 +14,7 @@ Anchor: torchtune's README reports Llama-3.1-8B QLoRA at 7.4 GiB and 2,413 token
 
     python benchmarks/bench_gpu.py                # 1B, 3B, 8B; under 8 minutes on one 24 GB+ GPU
     python benchmarks/bench_gpu.py --cpu-check    # the same code path on the CPU at a tiny size
+    python benchmarks/bench_gpu.py --ddp --fsdp [--model smollm2]  # 2 GPUs vs 1 (benchmarks/bench_ddp.py)
 """
 
 from __future__ import annotations
@@ -262,8 +263,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per size (after 2 warm-up steps)")
     ap.add_argument("--kernels", action="store_true", help="only compare the packed-attention kernels")
+    ap.add_argument("--ddp", action="store_true", help="2 GPUs, DDP (torchrun) vs 1 GPU: losses and tokens/s")
+    ap.add_argument("--fsdp", action="store_true", help="2 GPUs, FSDP-QLoRA (accelerate) vs 1 GPU")
+    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help="for --ddp / --fsdp")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    if args.ddp or args.fsdp:  # benchmarks/bench_ddp.py: exits with a message without 2 GPUs
+        from bench_ddp import gpu_check
+
+        for strategy in ("ddp", "fsdp"):
+            if getattr(args, strategy):
+                gpu_check(strategy, args.model, steps=args.steps + 3, seq_len=args.seq_len)
+        return
     if args.kernels or args.cpu_check:
         kdev = "cpu" if args.cpu_check else "cuda"
         kw = {"batch": 1, "seq": 512, "reps": 1} if args.cpu_check else {}

@@ -56,11 +56,6 @@ def run(config: RunConfig) -> TrainResult:
         log.info("%s", vocab.summary())
         tokenizer = vocab.tokenizer
     ev = config.eval
-    if adapter.new_tokens and ev.original_base is not False:
-        log.warning(
-            "eval.original_base: the original 16-bit model has no rows for the new tokens: not scored"
-        )
-        ev = ev.replace(original_base=False)
     general = general_texts(ev.general_sources) if ev.enabled and ev.general and ev.general_sources else None
     corpus = prepare_corpus(config.data.sources, tokenizer, config.data)
     log.info("corpus ready:\n%s", _summary(corpus))
@@ -93,7 +88,12 @@ def run(config: RunConfig) -> TrainResult:
         from .export.merge import merge_run
 
         del model  # the merge reloads the base in 16-bit; free the 4-bit copy first
-        merge_run(result.output_dir, output_dir=config.merge.output_dir, dtype=config.merge.dtype)
+        merge_run(
+            result.output_dir,
+            output_dir=config.merge.output_dir,
+            dtype=config.merge.dtype,
+            log_to_trackers=True,  # the merge's figures into the run's tracker runs, at its last step
+        )
     return result
 
 

@@ -11,6 +11,7 @@ from-disk entry points (``merge_run``, ``sft`` on a run directory, ``lora-dapt r
       eval_before.json        the evaluation before training (a resume reuses it)
       eval_texts.json         up to 256 held-out documents (merge verification, `lora-dapt eval`)
       summary.json            the TrainResult, plus the corpus stats
+      trackers.json           train.report_to's runs (W&B / MLflow ids): a resume and the merge continue them
       checkpoints/checkpoint-N/   Trainer checkpoints; one counts only once lora_dapt_complete.json (each
                               file's size and sha256) is in it and every file matches (checkpoints.py)
       lora_dapt.lock          flock'ed by the run training here (it holds that run's PID)
@@ -289,6 +290,10 @@ class RunDir:
         return self.path / "plots"
 
     @property
+    def trackers_path(self) -> Path:
+        return self.path / "trackers.json"
+
+    @property
     def tensorboard_dir(self) -> Path:
         """TensorBoard event files (train.report_to: tensorboard): the Trainer's and lora_dapt's rows."""
         return self.path / "tensorboard"
@@ -390,6 +395,20 @@ class RunDir:
         if not isinstance(base, dict) or not base.get("name_or_path"):
             return None
         return ModelSource.from_dict(base)
+
+    # -- trackers: the experiment-tracker runs of train.report_to ----------------------------------------------
+    def write_trackers(self, info: dict[str, Any]) -> None:
+        """``trackers.json``: the tracker names, run name and each tracker's run id (train.trackers.Trackers)."""
+        if not is_main():
+            return
+        write_json_atomic(self.trackers_path, info)
+
+    def read_trackers(self) -> dict[str, Any] | None:
+        """``trackers.json``; None when the run recorded no tracker."""
+        data = _read_json(self.trackers_path)
+        if data is not None and not isinstance(data, dict):
+            raise RunDirError(f"{self.trackers_path}: expected a JSON object")
+        return data
 
     # -- metrics log ---------------------------------------------------------------------------------------
     def append_metric(self, row: TrainRow | EvalRow | dict[str, Any]) -> None:
@@ -599,7 +618,13 @@ class RunDir:
         old = self.checkpoints()
         for path in [*old, self.adapter_dir, self.plots_dir, self.tensorboard_dir]:
             shutil.rmtree(path, ignore_errors=True)
-        for path in (self.metrics_path, self.summary_path, self.eval_before_path, self.report_path):
+        for path in (
+            self.metrics_path,
+            self.summary_path,
+            self.eval_before_path,
+            self.report_path,
+            self.trackers_path,
+        ):
             path.unlink(missing_ok=True)
         return len(old)
 

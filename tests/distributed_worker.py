@@ -3,7 +3,8 @@
 ``torchrun --nproc_per_node 2 -m tests.distributed_worker RECORD_DIR KILL_AT lora-dapt-args...``:
 
 * every block this rank trains on is appended to ``RECORD_DIR/rank<R>.jsonl`` (its token ids) as its
-  training loss is computed, so the test can check which rank trained on what;
+  training loss is computed, so the test can check which rank trained on what, and the class of the model
+  wrapper it trains through is written to ``RECORD_DIR/rank<R>.wrapper``;
 * ``KILL_AT`` > 0: once checkpoint-KILL_AT is marked complete, the next training micro-batch SIGKILLs the
   whole process group (torchrun and every rank at once, no cleanup), as a crashed machine would.
 
@@ -36,6 +37,8 @@ class RecordingLoss:
 
     def __call__(self, model: Any, input_ids: Any, *args: Any, **kwargs: Any) -> Any:
         if model.training:
+            # the wrapper the Trainer trains through (DistributedDataParallel, FullyShardedDataParallel, ...)
+            self.path.with_suffix(".wrapper").write_text(type(model).__name__, encoding="utf-8")
             if self.kill_marker is not None and self.kill_marker.is_file():
                 os.killpg(os.getpgrp(), signal.SIGKILL)  # every rank (torchrun puts them in one group)
             with self.path.open("a", encoding="utf-8") as f:

@@ -124,13 +124,17 @@ def test_sft_config_shares_train_field_names():
     assert train_fields <= sft_fields
     assert SFTConfig().output_dir == "runs/sft"
     # SFT's own defaults; TrainConfig's stay
-    assert (SFTConfig().learning_rate, TrainConfig().learning_rate) == (1e-4, 2e-4)
+    assert (SFTConfig().learning_rate, TrainConfig().learning_rate) == (1e-4, 5e-4)
     assert TrainConfig().output_dir == "runs/dapt"
     # the shared fields keep TrainConfig's order, so YAML keys come out in the same order in both sections
     assert list(SFTConfig().to_dict())[: len(train_fields)] == list(TrainConfig().to_dict())
-    # inherited fields keep TrainConfig's docs; the redeclared output_dir has its own
+    # inherited fields keep TrainConfig's docs; the redeclared output_dir and learning_rate have their own
     sft, train = field_docs(SFTConfig), field_docs(TrainConfig)
-    assert sft["learning_rate"] == train["learning_rate"] == "Peak learning rate of the LoRA weights."
+    assert train["learning_rate"].startswith("Peak learning rate of the LoRA weights. 5e-4")
+    assert (
+        sft["learning_rate"]
+        == "Peak learning rate of the LoRA weights (instruction tuning: lower than DAPT's)."
+    )
     assert sft["output_dir"] == "Run directory, laid out like a DAPT run." != train["output_dir"]
     assert sft["seed"] == train["seed"]
     # TrainConfig's value checks apply to SFT with the sft. prefix
@@ -142,7 +146,7 @@ def test_describe_config_documents_every_field():
     text = describe_config()
     for section in ("model:", "adapter:", "data:", "train:", "eval:", "merge:", "sft:"):
         assert section in text
-    assert "learning_rate: 0.0002" in text
+    assert "learning_rate: 0.0005" in text
     assert "# LoRA rank" in text
     lines = text.splitlines()
     for name, cls in SECTIONS.items():
@@ -154,7 +158,7 @@ def test_describe_config_documents_every_field():
             assert next(rows) == f"      # {docs[f.name]}", (name, f.name)  # every field has its docstring
     sft = lines[next(i for i, line in enumerate(lines) if line.startswith("sft:")) :]
     assert "  learning_rate: 0.0001" in sft and "  output_dir: runs/sft" in sft
-    assert "      # Peak learning rate of the LoRA weights." in sft
+    assert "      # Peak learning rate of the LoRA weights (instruction tuning: lower than DAPT's)." in sft
 
 
 def test_numeric_checks_name_the_bound():

@@ -1,5 +1,7 @@
 """Multi-process training on the CPU (gloo, 2 processes, the tiny model): DDP through torchrun, accelerate
-launch and ``lora-dapt train --nproc``, against one process with twice the gradient accumulation.
+launch and ``lora-dapt train --nproc``, against one process with twice the gradient accumulation; the
+launches that cannot train as asked on the CPU (``accelerate launch --cpu`` with several processes, FSDP)
+refused with a readable error.
 
 Two ranks with accumulation A see, per optimizer step, the same blocks as one process with accumulation
 2A (accelerate deals batch i of the shared seeded order to rank i % 2), and the loss is normalised by all
@@ -33,14 +35,19 @@ BATCH, STEPS, BLOCKS = 2, 13, 52
 """13 steps of 2 blocks x 2 ranks (or x accumulation 2) are one epoch of the 52 training blocks."""
 
 
-def _config(tmp: Path, model_dir: Path, name: str, *, accumulation: int, **train) -> Path:
+def _config(tmp: Path, model_dir: Path, name: str, *, accumulation: int, model=None, **train) -> Path:
     docs = tmp / "docs"
     if not docs.is_dir():
         docs.mkdir()
         for i in range(8):
             (docs / f"d{i}.txt").write_text(make_text(70 + 5 * i, seed=500 + i), encoding="utf-8")
     cfg = {
-        "model": {"name_or_path": str(model_dir), "quantization": "nf4", "compute_dtype": "float32"},
+        "model": {
+            "name_or_path": str(model_dir),
+            "quantization": "nf4",
+            "compute_dtype": "float32",
+            **(model or {}),
+        },
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "gradient_checkpointing": False},
         "data": {
             "sources": [str(docs)],
@@ -140,6 +147,100 @@ def test_torchrun_matches_one_process(reference, tiny_model_dir):
     assert not set(ranks[0]) & set(ranks[1])
     seen = Counter(ranks[0] + ranks[1])
     assert len(seen) == BLOCKS and set(seen.values()) == {1}
+
+
+def test_accelerate_launch_matches_one_process(reference, tiny_model_dir):
+    """`accelerate launch --multi_gpu --num_processes 2` runs torchrun underneath; without CUDA the ranks
+    train on the CPU over gloo and must reproduce one process with accumulation 2 exactly."""
+    tmp = reference.parent
+    cfg = _config(tmp, tiny_model_dir, "accel", accumulation=1)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher += ["--main_process_port", "0", "-m", "tests.distributed_worker"]  # 0: a free port
+    _launch([*launcher, str(tmp / "accel-blocks"), "0", "train", str(cfg)])
+    _assert_same_run(tmp / "accel", reference)
+    assert RunDir(tmp / "accel").read_summary()["shards"]["world_size"] == 2
+    assert (tmp / "accel-blocks" / "rank0.wrapper").read_text() == "DistributedDataParallel"
+    counts = [len((tmp / "accel-blocks" / f"rank{r}.jsonl").read_text().splitlines()) for r in (0, 1)]
+    assert counts == [BLOCKS // 2, BLOCKS // 2]
+
+
+def test_accelerate_cpu_flag_with_several_processes_is_refused(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's multi-CPU mode needs
+    mpirun): it sets ACCELERATE_USE_CPU and MASTER_ADDR but no world size. Training it would halve the
+    global batch silently, so `lora-dapt train` refuses, naming the commands that work."""
+    cfg = _config(tmp_path, tiny_model_dir, "cpu-flag", accumulation=1)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "accelerate launch --cpu with several processes started only this one" in err
+    assert "--nproc N" in err and "accelerate launch --multi_gpu --num_processes N" in err
+    assert not (tmp_path / "cpu-flag").exists()  # refused before anything was written
+    monkeypatch.delenv("MASTER_ADDR")  # one process asked for (no MASTER_ADDR): nothing to refuse
+    from lora_dapt.train.distributed import check_launcher
+
+    check_launcher()
+
+
+FSDP_CPU = """\
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+main_process_port: 0
+mixed_precision: "no"
+fsdp_config:
+  fsdp_version: 1
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_sync_module_states: false
+  fsdp_use_orig_params: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+"""An accelerate FSDP config as close as the CPU gets (sync_module_states needs a GPU in accelerate)."""
+
+FSDP_REFUSED = "FSDP on the CPU: accelerate shards models with FSDP on GPUs only"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; GPUs: benchmarks/bench_gpu.py --fsdp")
+def test_fsdp_on_the_cpu_is_refused_by_every_rank(tmp_path, tiny_model_dir):
+    """accelerate 1.x turns FSDP on for GPU-like devices only: on the CPU (MULTI_CPU) the Trainer would
+    silently run DDP (tried: every rank trained through DistributedDataParallel), or, with
+    sync_module_states, fail inside the Trainer with "There are currently no available devices found".
+    `lora-dapt train` refuses it on every rank, with the commands that work, before loading anything."""
+    cfg = _config(tmp_path, tiny_model_dir, "fsdp", accumulation=1, model={"quant_storage": "float32"})
+    (tmp_path / "fsdp_cpu.yaml").write_text(FSDP_CPU)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(tmp_path / "fsdp_cpu.yaml"),
+    ]
+    cmd += ["-m", "lora_dapt.cli", "train", str(cfg)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode != 0
+    assert proc.stderr.count("lora-dapt train: error: invalid configuration") == 2, proc.stderr[-3000:]
+    assert proc.stderr.count(f"  - {FSDP_REFUSED}") == 2
+    assert "exitcode  : 2" in proc.stderr  # our user-error status, not a Python traceback (exit 1)
+    assert "[rank0]: Traceback" not in proc.stderr and "RuntimeError" not in proc.stderr
+    assert not (tmp_path / "fsdp").exists()
+
+
+def test_fsdp_refused_when_the_model_is_on_the_cpu(monkeypatch):
+    """The same refusal from the Python API: continued_pretrain checks with the model's device."""
+    from lora_dapt.errors import ConfigError
+    from lora_dapt.train.distributed import check_launcher
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match=FSDP_REFUSED):
+        check_launcher(cpu=True)
+    check_launcher(cpu=False)  # on GPUs accelerate does shard
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    check_launcher(cpu=True)
 
 
 @pytest.mark.slow  # two more 2-process launches: ~70 s on 2 shared cores

@@ -346,3 +346,65 @@ def test_sentencepiece_bpe_mistral_round_trip(tmp_path):
     atol = 16 * gguf_export.ROUNDING["f16"] * max(1.0, float(a.abs().max()))
     assert torch.allclose(a, b, rtol=0, atol=atol), float((a - b).abs().max())
     _assert_logits_close(merged, reloaded, tok, "f16")
+
+
+def test_domain_tokens_survive_merge_and_verified_export(tmp_path):
+    """Domain tokens spelled with a leading space (what extend_vocabulary adds) are USER_DEFINED in the file;
+    transformers' GGUF reader drops them, and export_gguf's check puts them back at their ids (one of them,
+    ' dose', is also a normal token of the base, spelled 'Ġdose': the reader's collision is repaired too)."""
+    from gguf import GGUFReader
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    import lora_dapt as ld
+    from lora_dapt.export.gguf_vocab import USER_DEFINED, gguf_tokens, with_user_defined
+    from lora_dapt.model.load import load_base_model
+    from lora_dapt.model.lora import apply_lora
+    from lora_dapt.model.vocab import add_token_rows
+
+    base = tmp_path / "base"
+    build_model(base, len(build_tokenizer(base)))
+    model, old = load_base_model(base, quantization=None, compute_dtype="float32")
+    new = [" plaintiff", " liability", " dose"]
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in new])
+    rows = add_token_rows(model, old, tok)
+    start = model.get_input_embeddings().weight[320:323].detach().clone()
+    torch.manual_seed(0)
+    peft_model = apply_lora(
+        model, ld.AdapterConfig(r=4, alpha=8, gradient_checkpointing=False), trainable_tokens=rows.token_ids
+    )
+    with torch.no_grad():  # 'trained' rows: the merge must carry them
+        for name, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    tok.save_pretrained(tmp_path / "adapter")
+    merged = ld.merge_adapter(
+        str(base),
+        tmp_path / "adapter",
+        tmp_path / "merged",
+        dtype="float32",
+        trained_on=ld.ModelConfig(name_or_path=str(base), compute_dtype="float32"),
+    )
+    texts = [t + " the plaintiff of liability dose. dose" for t in TEXTS]
+    result = export_gguf(merged, tmp_path / "dom.gguf", eval_texts=texts)
+    assert result.report["passed"] and result.report["tokenizer_mismatches"] == 0
+    tokens, kinds = gguf_tokens(result.path)
+    assert tokens[320:323] == new and kinds[320:323] == [USER_DEFINED] * 3 and len(tokens) == 384
+    assert tokens[tok.convert_tokens_to_ids("Ġdose")] == "Ġdose"
+    # the repair is needed: transformers' own reload encodes the domain words differently
+    plain = AutoTokenizer.from_pretrained(tmp_path, gguf_file="dom.gguf")
+    ids = tok(texts[0])["input_ids"]
+    assert {320, 321, 322} <= set(ids) and plain(texts[0])["input_ids"] != ids
+    assert with_user_defined(plain, result.path)(texts[0])["input_ids"] == ids
+    # the new rows in the file are the trained ones (f16 of the merged float32 rows)
+    reader = GGUFReader(str(result.path))
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    file_rows = torch.from_numpy(emb.data.astype("float32").reshape(384, 64)[320:323].copy())
+    merged_model = _merged_model(merged)
+    want = merged_model.get_input_embeddings().weight[320:323].detach()
+    torch.testing.assert_close(file_rows, want, atol=2e-3, rtol=1e-3)
+    delta = peft_model.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"]
+    torch.testing.assert_close(want, delta.detach())  # the trained rows, not the initial ones
+    assert (want - start).abs().min(dim=1).values.gt(0).all()

@@ -17,12 +17,14 @@ from lora_dapt.errors import ConfigError
 from lora_dapt.pipeline import run
 from lora_dapt.rundir import RunDir
 from lora_dapt.train import trackers as trackers_module
-from lora_dapt.train.trackers import TRACKERS, check_trackers, scalars, tracker_names
+from lora_dapt.train.trackers import TRACKERS, Trackers, check_trackers, merge_figures, scalars, tracker_names
 
 STEPS = 4
 
 
-def _config(tmp_path: Path, model_dir: Path, domain_files: list[Path], **train: Any) -> RunConfig:
+def _config(
+    tmp_path: Path, model_dir: Path, domain_files: list[Path], merge: bool = False, **train: Any
+) -> RunConfig:
     general = tmp_path / "general.txt"
     general.write_text("The weather was mild and the market stalls opened early in the morning. " * 6)
     return RunConfig.from_dict(
@@ -47,6 +49,7 @@ def _config(tmp_path: Path, model_dir: Path, domain_files: list[Path], **train: 
             },
             # no 16-bit original scored: fewer model loads (its scores are not metrics-log rows anyway)
             "eval": {"general_sources": [str(general)], "max_eval_tokens": 400, "original_base": False},
+            "merge": {"enabled": merge},
         }
     )
 
@@ -67,6 +70,23 @@ def _assert_same(got: list[tuple[int, float]], want: list[tuple[int, float]]) ->
     assert [s for s, _ in sorted(got)] == [s for s, _ in sorted(want)]
     for (_, g), (_, w) in zip(sorted(got), sorted(want), strict=True):
         assert g == pytest.approx(w, rel=1e-6)
+
+
+def _check_merge(run_dir: Path, series: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:
+    """The merge's figures are in ``series`` once, at the run's last step, equal to merge_report.json."""
+    report = RunDir(run_dir).read_merge_report()
+    assert report is not None and report["passed"] is True
+    want = {
+        "merge/passed": 1.0,
+        "merge/perplexity_merged": report["perplexity_merged"],
+        "merge/perplexity_adapter": report["perplexity_adapter"],
+        "merge/ppl_rel_diff": report["ppl_rel_diff"],
+        "merge/losses/merged/perplexity": report["losses"]["merged"]["perplexity"],
+    }
+    for tag, value in want.items():
+        _assert_same(series[tag], [(STEPS, value)])
+    assert {t for t in series if t.startswith("merge/")} == set(merge_figures(report)[0])
+    return report
 
 
 def _check_against_metrics(run_dir: Path, series: dict[str, list[tuple[int, float]]], loss_tag: str) -> None:
@@ -93,7 +113,12 @@ def test_tensorboard_and_mlflow_get_the_metrics_log(tiny_model_dir, domain_files
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 keeps the file store for local use
     cfg = _config(
-        tmp_path, tiny_model_dir, domain_files, report_to=["tensorboard", "mlflow"], run_name="tiny"
+        tmp_path,
+        tiny_model_dir,
+        domain_files,
+        merge=True,  # the merge after training logs its figures to the same tracker runs
+        report_to=["tensorboard", "mlflow"],
+        run_name="tiny",
     )
     run(cfg)
     run_dir = tmp_path / "run"
@@ -102,17 +127,52 @@ def test_tensorboard_and_mlflow_get_the_metrics_log(tiny_model_dir, domain_files
     events.Reload()
     series = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     _check_against_metrics(run_dir, series, "train/loss")
+    report = _check_merge(run_dir, series)
+    (text,) = events.Tensors("merge/dtype/text_summary")
+    assert (text.step, text.tensor_proto.string_val[0].decode()) == (STEPS, report["dtype"])
     assert not (run_dir / "checkpoints" / "runs").exists()  # the Trainer's default directory is not used
 
     assert mlflow.active_run() is None  # the run started for us was ended
     client = mlflow.MlflowClient(tracking_uri=uri)
-    (found,) = client.search_runs(experiment_ids=["0"])
+    (found,) = client.search_runs(experiment_ids=["0"])  # the merge continued the training's run
     assert found.info.run_name == "tiny" and found.info.status == "FINISHED"
+    recorded = RunDir(run_dir).read_trackers()
+    assert recorded["report_to"] == ["tensorboard", "mlflow"] and recorded["run_name"] == "tiny"
+    assert recorded["mlflow"]["run_id"] == found.info.run_id and recorded["mlflow"]["tracking_uri"] == uri
     series = {
         key: [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, key)]
         for key in found.data.metrics
     }
     _check_against_metrics(run_dir, series, "loss")
+    _check_merge(run_dir, series)
+    assert found.data.tags["merge/dtype"] == report["dtype"]
+
+
+def test_a_later_session_continues_the_recorded_run(tmp_path, monkeypatch):
+    """A resumed run (or the merge) opens the MLflow run recorded in trackers.json; a fresh start
+    (train.overwrite clears the run directory) starts a new one."""
+    mlflow = pytest.importorskip("mlflow")
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run_dir = RunDir(tmp_path / "run").create()
+    for step in (1, 2):  # two sessions of the same run directory
+        with Trackers(["mlflow"], "resumed", run=run_dir) as trackers:
+            trackers.log_scalars({"train/loss": 3.0 - step}, step)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (first,) = client.search_runs(experiment_ids=["0"])
+    assert [(m.step, m.value) for m in client.get_metric_history(first.info.run_id, "train/loss")] == [
+        (1, 2.0),
+        (2, 1.0),
+    ]
+    assert run_dir.read_trackers()["mlflow"]["run_id"] == first.info.run_id
+    run_dir.clear_previous_run()
+    assert run_dir.read_trackers() is None
+    with Trackers(["mlflow"], "fresh", run=run_dir) as trackers:
+        trackers.log_scalars({"train/loss": 0.5}, 1)
+    runs = client.search_runs(experiment_ids=["0"])
+    assert sorted(r.info.run_name for r in runs) == ["fresh", "resumed"]
+    assert run_dir.read_trackers()["mlflow"]["run_id"] != first.info.run_id
 
 
 def _wandb_records(path: Path) -> list[Any]:

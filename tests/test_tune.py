@@ -24,6 +24,8 @@ from lora_dapt.train.tune_report import HEADER
 
 from .conftest import build_model, build_tokenizer, make_text
 
+KNOWING_STEPS = 20
+
 GENERAL = "Hello world. 123 code() Ünïcödé ✓ 456 code() world 789 Hello. "
 LRS = [1e-2, 3e-2, 1e-1]  # 0.1 learns the domain fastest and wrecks the general text (5.3 -> ~30 ppl)
 SEQ = 32
@@ -49,8 +51,8 @@ def knowing_model_dir(tmp_path_factory) -> Path:
     build_model(d, len(tok))
     model = AutoModelForCausalLM.from_pretrained(d)
     ids = torch.tensor([tok(GENERAL * 4).input_ids[:64]])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(KNOWING_STEPS):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -129,6 +131,52 @@ def test_choice_is_the_best_domain_gain_inside_the_budget(tuned):
     assert result.budget == 0.05
     assert result.chosen == best.trial == 1
     assert result.trials[1].domain["ppl"] < result.base["domain"]["ppl"]
+
+
+def _plain_scores(model_dir: Path, adapter_dir: Path | None, tok, corpus, general) -> tuple[float, float]:
+    """(domain ppl, general ppl) of the 16-bit model of ``model_dir`` (with the adapter, when given), loaded
+    with plain transformers + peft: the domain on the first capped held-out blocks with the model's own loss,
+    the general text with lora_dapt's sliding windows on that independently loaded model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_dapt.evaluate.score import evaluate_texts
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for block in corpus.eval.select(range(OPTIONS.max_eval_tokens // SEQ)):
+            labels = torch.tensor([block["labels"]])
+            out = model(
+                input_ids=torch.tensor([block["input_ids"]]),
+                position_ids=torch.tensor([block["position_ids"]]),
+                labels=labels,
+            )
+            k = int((labels[0, 1:] != -100).sum())
+            nll, n = nll + float(out.loss) * k, n + k
+    gen = evaluate_texts(model, tok, general, max_tokens=OPTIONS.max_eval_tokens)
+    return math.exp(nll / n), gen.ppl
+
+
+def test_trials_are_scored_on_the_original_16bit_model(tuned, knowing_model_dir):
+    """The default score_on: the base's and the chosen trial's figures are those of the original 16-bit
+    model, without and with that trial's adapter, scored independently here."""
+    _, result, (_, tok, corpus, general), *_ = tuned
+    assert result.scored_on == "original_16bit"
+    assert "scores on the original 16-bit model" in Path(result.results_path).read_text()
+    row = result.trials[result.chosen]
+    adapter = (
+        TuneDir(Path(result.output_dir)).trial_run(f"lr{row.learning_rate:.4g}-r{row.r}-t64").adapter_dir
+    )
+    domain, general_ppl = _plain_scores(knowing_model_dir, adapter, tok, corpus, general)
+    assert row.domain["ppl"] == pytest.approx(domain, rel=1e-5)
+    assert row.general["ppl"] == pytest.approx(general_ppl, rel=1e-5)
+    domain, general_ppl = _plain_scores(knowing_model_dir, None, tok, corpus, general)
+    assert result.base["domain"]["ppl"] == pytest.approx(domain, rel=1e-5)
+    assert result.base["general"]["ppl"] == pytest.approx(general_ppl, rel=1e-5)
 
 
 def test_choose_rule_on_constructed_rows():
@@ -222,13 +270,16 @@ def test_cli_tune_end_to_end(knowing_model_dir, tmp_path, capsys):
     path = tmp_path / "config.yaml"
     cfg.to_yaml(path)
     out = tmp_path / "my-tune"
-    argv = ["tune", str(path), "--lr", "3e-2", "--budget-tokens", str(BUDGET), "--eval-tokens", "128"]
+    argv = ["tune", str(path), "--lr", "1e-2", "--budget-tokens", str(BUDGET), "--eval-tokens", "128"]
+    argv += ["--score-on", "as_trained"]  # the fixture's tune scores on the original 16-bit model
     assert main([*argv, "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| 0     | 0.03 " in printed and "chosen: trial 0 (learning_rate 0.03, r 4" in printed
+    assert "| 0     | 0.01 " in printed and "chosen: trial 0 (learning_rate 0.01, r 4" in printed
     assert "chosen config: " + str(out / "chosen.yaml") in printed
-    assert RunConfig.from_yaml(out / "chosen.yaml").train.learning_rate == 3e-2
+    assert RunConfig.from_yaml(out / "chosen.yaml").train.learning_rate == 1e-2
     rows = TuneDir(out).read_trials()
-    assert [(r["learning_rate"], r["steps"], r["status"]) for r in rows] == [(3e-2, 2, "done")]
-    assert (out / "tune.png").is_file() and (out / "trials" / "lr0.03-r4-t64" / "adapter").is_dir()
+    assert [(r["learning_rate"], r["steps"], r["status"]) for r in rows] == [(1e-2, 2, "done")]
+    assert (out / "tune.png").is_file() and (out / "trials" / "lr0.01-r4-t64" / "adapter").is_dir()
     assert not (Path(cfg.train.output_dir) / "tune").exists()  # --output, not the default place
+    assert "scores on the 4-bit base as trained" in (out / "results.md").read_text()
+    assert TuneDir(out).read_plan()["plan"]["scored_on"] == "as_trained"

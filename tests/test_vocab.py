@@ -10,15 +10,15 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import lora_dapt as ld
 from lora_dapt import AdapterConfig, DataConfig, EvalConfig, TrainConfig
 from lora_dapt.data.corpus import prepare_corpus
-from lora_dapt.data.vocab import extend_vocabulary, tokens_per_char
+from lora_dapt.data.vocab import extend_vocabulary, retokenize_blocks, tokens_per_char
 from lora_dapt.errors import ConfigError
 from lora_dapt.evaluate.score import evaluate_blocks
-from lora_dapt.model.load import load_base_model
+from lora_dapt.model.load import load_base_model, load_base_model_from
 from lora_dapt.model.lora import apply_lora
 from lora_dapt.model.loss import causal_lm_loss_sum
 from lora_dapt.model.vocab import add_token_rows
@@ -194,8 +194,8 @@ def test_merged_model_and_tokenizer_reload_in_plain_transformers_and_match_the_a
 @pytest.mark.slow  # the whole pipeline (train, evaluate, merge): ~35 s on 2 cores
 def test_gguf_file_carries_the_new_tokens(extension, pipeline_run, tmp_path):
     """The GGUF writer stores the new tokens as USER_DEFINED (llama.cpp matches those in the raw text) and
-    the padding rows as UNUSED [PAD<id>]. (export_gguf's own check reloads the file with transformers, whose
-    GGUF tokenizer drops USER_DEFINED tokens: see the report.)"""
+    the padding rows as UNUSED [PAD<id>]. (export_gguf's own check, which puts back the USER_DEFINED tokens
+    transformers' GGUF reader drops, is tested in test_gguf.py.)"""
     pytest.importorskip("gguf")
     from gguf import GGUFReader
 
@@ -295,3 +295,135 @@ def test_vocab_command_previews_and_writes_nothing(tiny_model_dir, tmp_path, cap
     out = capsys.readouterr().out
     assert "vocabulary: +5 tokens" in out and "tokens per character" in out and "' liability'" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no cache, no run directory
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.step is not None and state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _token_run(model_dir, tokenizer, corpus, out, *, eval_config, stop_at=None, resume=None, save_every=0):
+    """A tiny QLoRA run training the new rows; returns (peft model, result)."""
+    model, _, rows = grown_base(model_dir, tokenizer)
+    torch.manual_seed(0)
+    peft_model = apply_lora(
+        model,
+        AdapterConfig(r=4, alpha=8, dropout=0.0, gradient_checkpointing=False),
+        trainable_tokens=rows.token_ids,
+    )
+    cfg = TrainConfig(
+        output_dir=str(out),
+        max_steps=6,
+        batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-2,
+        embedding_learning_rate=1e-2,
+        warmup_steps=0,
+        save_every=save_every,
+        resume_from=resume,
+    )
+    source = load_base_model_from(ld.ModelConfig(name_or_path=str(model_dir), compute_dtype="float32")).source
+    result = continued_pretrain(
+        peft_model,
+        tokenizer,
+        corpus,
+        cfg,
+        eval_config=eval_config,
+        general_texts=TEXTS[:2],
+        model_source=source,
+        callbacks=[_StopAt(stop_at)],
+    )
+    return peft_model, result
+
+
+def test_blocks_retokenized_for_the_base_cover_the_same_text(extension, tmp_path):
+    tok, ext, cfg = extension
+    corpus = prepare_corpus([TEXTS], ext.tokenizer, cfg)
+    assert max(max(r["input_ids"]) for r in corpus.eval) >= 320  # the run's blocks hold new tokens
+    base = retokenize_blocks(corpus.eval, ext.tokenizer, tok)
+    assert (
+        sum(base["bytes"]) == sum(corpus.eval["bytes"]) == sum(len(t.encode()) for t in corpus.eval_documents)
+    )
+    assert max(max(r) for r in base["input_ids"]) < 320 and len(base) > len(corpus.eval)
+
+    # the same text: decoded (special tokens and padding left out), both hold every held-out byte
+    def text_bytes(blocks, tokenizer):
+        return sum(len(tokenizer.decode(r, skip_special_tokens=True).encode()) for r in blocks["input_ids"])
+
+    assert text_bytes(base, tok) == text_bytes(corpus.eval, ext.tokenizer) == sum(base["bytes"])
+
+
+def test_original_16bit_scores_a_run_with_new_tokens(tiny_model_dir, extension, tmp_path):
+    """'before': the original WITHOUT the new rows, on the base tokenizer's blocks and texts; 'after': the
+    original grown as training grew its base, with the adapter, on the run's; both are checked against an
+    independent scoring, and bits per byte covers the same bytes on both sides."""
+    from peft import PeftModel
+
+    from lora_dapt.evaluate.score import evaluate_texts
+
+    tok, ext, cfg = extension
+    corpus = prepare_corpus([TEXTS], ext.tokenizer, cfg)
+    _, result = _token_run(tiny_model_dir, ext.tokenizer, corpus, tmp_path / "run", eval_config=EvalConfig())
+    before, after = result.before["original_16bit"], result.after["original_16bit"]
+    assert (before["tokenizer"], after["tokenizer"]) == ("base", "run") and before["plan"]["scored"]
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert plain.get_input_embeddings().weight.shape[0] == 320
+    base_blocks = retokenize_blocks(corpus.eval, ext.tokenizer, tok)
+    domain = evaluate_blocks(plain, base_blocks)
+    assert before["domain"]["loss"] == pytest.approx(domain.loss, rel=1e-5)
+    assert before["general"]["loss"] == pytest.approx(evaluate_texts(plain, tok, TEXTS[:2]).loss, rel=1e-5)
+    grown, _, _ = grown_base(tiny_model_dir, ext.tokenizer, quantization=None)
+    adapted = PeftModel.from_pretrained(grown, str(tmp_path / "run" / "adapter")).eval()
+    assert after["domain"]["loss"] == pytest.approx(evaluate_blocks(adapted, corpus.eval).loss, rel=1e-5)
+    general_after = evaluate_texts(adapted, ext.tokenizer, TEXTS[:2])
+    assert after["general"]["loss"] == pytest.approx(general_after.loss, rel=1e-5)
+    # per token the sides count different tokens; bits per byte is over the same bytes
+    assert before["domain"]["tokens"] > after["domain"]["tokens"]
+    assert before["domain"]["bytes"] == after["domain"]["bytes"] == sum(corpus.eval["bytes"])
+    assert result.forgetting["domain"]["bpb_before"] == pytest.approx(domain.bits_per_byte)
+
+
+def test_checkpoints_hold_the_new_rows_only_and_resume_reproduces_the_run(
+    tiny_model_dir, extension, tmp_path
+):
+    tok, ext, cfg = extension
+    corpus = prepare_corpus([TEXTS], ext.tokenizer, cfg)
+    off = EvalConfig(enabled=False)
+    full, _ = _token_run(tiny_model_dir, ext.tokenizer, corpus, tmp_path / "full", eval_config=off)
+    _, part = _token_run(
+        tiny_model_dir, ext.tokenizer, corpus, tmp_path / "part", eval_config=off, stop_at=4, save_every=2
+    )
+    assert part.steps == 4
+    ckpt = (
+        tmp_path / "part" / "checkpoints"
+        if (tmp_path / "part" / "checkpoints").is_dir()
+        else tmp_path / "part"
+    )
+    saved = sorted(ckpt.glob("checkpoint-*/adapter_model.safetensors"))
+    assert saved, "no checkpoint written"
+    with safe_open(str(saved[-1]), "pt") as f:
+        rows = {k: f.get_slice(k).get_shape() for k in f.keys() if "lora_" not in k}  # noqa: SIM118
+    assert sorted(rows) == [
+        "base_model.model.lm_head.token_adapter.trainable_tokens_delta",
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta",
+    ]
+    assert all(shape == [len(ext.new_tokens), 64] for shape in rows.values())
+    resumed, res = _token_run(
+        tiny_model_dir,
+        ext.tokenizer,
+        corpus,
+        tmp_path / "part",
+        eval_config=off,
+        resume="latest",
+        save_every=2,
+    )
+    assert res.steps == 6
+    a = {n: p.detach() for n, p in full.named_parameters() if p.requires_grad}
+    b = {n: p.detach() for n, p in resumed.named_parameters() if p.requires_grad}
+    assert sorted(a) == sorted(b) and any("trainable_tokens_delta" in n for n in a)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=1e-5)

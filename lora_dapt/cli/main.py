@@ -90,6 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import distributed
 
     cfg = _load_config(args)  # a bad config fails here, once, before any process is started
+    distributed.check_launcher()  # `accelerate launch --cpu --num_processes N` started one process
     if args.nproc > 1 and not distributed.is_distributed():
         argv = ["train", args.config, *(x for s in args.set for x in ("--set", s))]
         flags = ["-v"] * args.verbose + ["-q"] * args.quiet

@@ -12,7 +12,8 @@ examples:
   lora-dapt train runs/demo/tune/chosen.yaml                 # train with the chosen settings
 
 Each trial trains a fresh adapter on the same first N tokens of the corpus (the 4-bit base is loaded once)
-and is scored on held-out domain text and on general text. The choice is the lowest domain perplexity whose
+and is scored on held-out domain text and on general text, on the original 16-bit model with the trial's
+adapter on it (what the merge ships; loaded once) unless --score-on as_trained. The choice is the lowest domain perplexity whose
 general perplexity rose at most the forgetting budget (eval.max_general_ppl_increase, else 5%). A rerun of
 the same command skips the trials already done.
 
@@ -49,6 +50,13 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="forgetting budget of the choice (default eval.max_general_ppl_increase, else 0.05)",
     )
+    p.add_argument(
+        "--score-on",
+        choices=["original", "as_trained"],
+        default=None,
+        help="score trials on the original 16-bit model with each adapter on it (default, when it fits) or on "
+        "the 4-bit base as trained",
+    )
     p.add_argument("--output", default=None, help="tune directory (default TRAIN_OUTPUT_DIR/tune)")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier tune in the directory")
 
@@ -69,6 +77,7 @@ def tune_command(args: argparse.Namespace) -> int:
         "max_eval_tokens": args.eval_tokens,
         "max_general_ppl_increase": args.max_general_ppl_increase,
         "output_dir": args.output,
+        "score_on": args.score_on,
     }
     options = TuneConfig.from_dict(
         {k: v for k, v in given.items() if v is not None} | {"overwrite": args.overwrite}

@@ -179,6 +179,51 @@ def tokens_per_char(tokenizer: Any, texts: Sequence[str]) -> float:
     return sum(len(ids) for ids in _encode(tokenizer, list(texts))) / chars
 
 
+def retokenize_blocks(blocks: Any, tokenizer: Any, base_tokenizer: Any) -> Any:
+    """Packed blocks of ``tokenizer`` (a run's, new tokens included) as ``base_tokenizer`` (the model's own,
+    without them) would have packed the same text: what a model without the new rows can score.
+
+    Each piece (a segment of a block: ``position_ids`` restart at 0) is decoded back to its text, which
+    byte-level BPE does exactly, encoded with ``base_tokenizer`` (its BOS / EOS ids kept as they were), and
+    the pieces are packed again into blocks of the same length (:func:`~lora_dapt.data.packing._pack_arrays`:
+    a piece now longer than a block is cut). ``bytes`` are the pieces' own UTF-8 bytes, so the split's total
+    is the same and bits per byte compares the two tokenizations over the same text. A block's padding is
+    its last segment: no label, pad ids only.
+    """
+    import datasets
+    import numpy as np
+
+    from .packing import _pack_arrays
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None), 0)
+    pieces: list[list[int]] = []
+    n_bytes: list[int] = []
+    for row in blocks:
+        ids, pos, labels = row["input_ids"], row["position_ids"], row["labels"]
+        starts = [t for t, p in enumerate(pos) if p == 0] + [len(ids)]
+        for s, e in zip(starts, starts[1:], strict=False):
+            if e == len(ids) and all(x == -100 for x in labels[s:e]) and all(x == pad_id for x in ids[s:e]):
+                continue  # the block's padding
+            head = ids[s : s + 1] if bos is not None and ids[s] == bos else []
+            tail = ids[e - 1 : e] if eos is not None and ids[e - 1] == eos and e - s > len(head) else []
+            body = ids[s + len(head) : e - len(tail)]
+            text = tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            pieces.append(head + base_tokenizer(text, add_special_tokens=False)["input_ids"] + tail)
+            n_bytes.append(len(text.encode("utf-8")))
+    seq_len = len(blocks[0]["input_ids"]) if len(blocks) else 1
+    packed = _pack_arrays(pieces, seq_len, pad_id, byte_counts=n_bytes)
+    assert packed.n_bytes is not None
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": packed.ids.tolist(),
+            "position_ids": packed.positions.tolist(),
+            "labels": packed.labels.tolist(),
+            "bytes": np.asarray(packed.n_bytes).tolist(),
+        }
+    )
+
+
 def check_byte_level_bpe(tokenizer: Any) -> dict[str, Any]:
     """The backend JSON of a fast byte-level BPE tokenizer; ConfigError naming what the tokenizer is else."""
     if not getattr(tokenizer, "is_fast", False):

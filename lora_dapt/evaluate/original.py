@@ -134,32 +134,52 @@ def original_plan(
     return OriginalPlan(True, f"fits ({sizes})", dtype, need, free)
 
 
-def load_original(source: ModelSource, dtype: str, device: torch.device, trust_remote_code: bool) -> Any:
-    """The original model of ``source`` unquantized in ``dtype`` (a GGUF: its dequantized copy), the way
-    the merge loads its 16-bit base (:func:`~lora_dapt.export.job.trained_settings`, then
-    :func:`~lora_dapt.model.load.load_base_model_from` with quantization None)."""
+def load_original(
+    source: ModelSource, dtype: str, device: torch.device, trust_remote_code: bool
+) -> tuple[Any, Any]:
+    """(model, its own tokenizer): the original model of ``source`` unquantized in ``dtype`` (a GGUF: its
+    dequantized copy), the way the merge loads its 16-bit base
+    (:func:`~lora_dapt.export.job.trained_settings`, then :func:`~lora_dapt.model.load.load_base_model_from`
+    with quantization None)."""
     from ..export.job import trained_settings
     from ..model.load import load_base_model_from
 
     name, gguf = source.loadable()
     trained = trained_settings(name, source).replace(gguf_file=gguf, trust_remote_code=trust_remote_code)
-    return load_base_model_from(trained, quantization=None, compute_dtype=dtype, device=str(device)).model
+    loaded = load_base_model_from(trained, quantization=None, compute_dtype=dtype, device=str(device))
+    return loaded.model, loaded.tokenizer
 
 
 def score_original(
     source: ModelSource,
     plan: OriginalPlan,
-    score: Callable[[Any], dict[str, Any]],
+    score: Callable[[Any, Any], dict[str, Any]],
     *,
     device: torch.device,
     adapter_dir: str | Path | None = None,
+    tokenizer: Any = None,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Load the original (with the adapter saved in ``adapter_dir`` attached, when given), run ``score`` on
-    it (the run's split evaluation: returns ``{"domain": ..., "general": ...}``), free it; return the scores
-    with ``dtype`` and ``model`` ('original' or 'original + adapter') added."""
-    model = load_original(source, plan.dtype or "float32", device, trust_remote_code)
-    what = "original"
+    """Load the original (with the adapter saved in ``adapter_dir`` attached, when given), run
+    ``score(model, own_tokenizer)`` on it (the run's split evaluation: returns ``{"domain": ...,
+    "general": ...}``), free it; return the scores with ``dtype``, ``model`` ('original' or 'original +
+    adapter') and ``tokenizer`` ('run' or 'base') added.
+
+    ``tokenizer`` is the run's. When it has tokens the original lacks (``adapter.new_tokens``), the original
+    alone is the model without them: ``own_tokenizer`` is then the original's tokenizer, and ``score``
+    must tokenize with it (per-token figures of the two sides count different tokens: compare bits per
+    byte). With the adapter, the original is first grown for the run's tokenizer as training grew its base
+    (:func:`~lora_dapt.model.vocab.add_token_rows`; the adapter's rows then replace the new ones) and
+    ``own_tokenizer`` is None: the run's tokenizer and blocks apply."""
+    model, base_tokenizer = load_original(source, plan.dtype or "float32", device, trust_remote_code)
+    what, own = "original", None
+    grown = tokenizer is not None and len(tokenizer) > len(base_tokenizer)
+    if grown and adapter_dir is None:
+        own = base_tokenizer
+    elif grown:
+        from ..model.vocab import add_token_rows
+
+        add_token_rows(model, base_tokenizer, tokenizer)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -170,10 +190,10 @@ def score_original(
         what = "original + adapter"
     try:
         log.info("scoring the %s model (16-bit, %s)", what, plan.dtype)
-        out = score(model)
+        out = score(model, own)
     finally:
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return {**out, "dtype": plan.dtype, "model": what}
+    return {**out, "dtype": plan.dtype, "model": what, "tokenizer": "base" if own is not None else "run"}

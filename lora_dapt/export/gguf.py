@@ -43,7 +43,7 @@ import torch
 
 from ..errors import ExportError
 from ..rundir import RunDir, write_json_atomic
-from .gguf_vocab import GGUFVocab, read_vocab
+from .gguf_vocab import GGUFVocab, read_vocab, with_user_defined
 from .measure import FALLBACK_TEXTS, eval_sequences, max_abs_diff, score
 
 log = logging.getLogger("lora_dapt")
@@ -315,7 +315,8 @@ def verify_gguf(
     got, got_logits = score(reloaded, sequences, COMPARE_TOKENS)
     del reloaded
     gc.collect()
-    reloaded_tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    # transformers' reader drops USER_DEFINED tokens spelled with a space (domain tokens): put them back
+    reloaded_tok = with_user_defined(AutoTokenizer.from_pretrained(directory, gguf_file=name), path)
     mismatched = [
         i for i, text in enumerate(texts) if reloaded_tok(text)["input_ids"] != tokenizer(text)["input_ids"]
     ]

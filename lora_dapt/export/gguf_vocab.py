@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError
@@ -206,4 +207,59 @@ def read_vocab(tokenizer: Any, n_rows: int) -> GGUFVocab:
         add_eos="eos" in special and bool(probe) and probe[-1] == special["eos"],
         chat_template=template,
         padded_rows=max(0, n_rows - n_tok),
+    )
+
+
+def gguf_tokens(path: str | Path) -> tuple[list[str], list[int]]:
+    """(tokens, token types) of a GGUF file's vocabulary, read from its metadata (``tokenizer.ggml.*``)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    tokens, types = reader.fields.get("tokenizer.ggml.tokens"), reader.fields.get("tokenizer.ggml.token_type")
+    if tokens is None:
+        raise ExportError(f"{path} holds no tokenizer.ggml.tokens: not a GGUF file with a vocabulary")
+    text = [bytes(tokens.parts[i]).decode("utf-8") for i in tokens.data]
+    kinds = [int(types.parts[i][0]) for i in types.data] if types is not None else [NORMAL] * len(text)
+    return text, kinds
+
+
+def with_user_defined(tokenizer: Any, path: str | Path) -> Any:
+    """``tokenizer`` (transformers' reload of the GGUF file ``path``) with the file's USER_DEFINED tokens
+    matched whole at their ids, as llama.cpp matches them.
+
+    Why: a byte-level file stores an added token as its raw text (``' plaintiff'``, as llama.cpp's converter
+    does), and transformers' reader respells every token into the byte alphabet (``'Ġplaintiff'``), then adds
+    back only the USER_DEFINED tokens it finds under their raw text: none with a space or a non-ASCII
+    character, so those are cut into pieces and the ids differ from training's. Here each missing one becomes
+    an added token at its id (its raw text is entered in the BPE vocabulary at that id, where no merge can
+    produce it, so the added-token table keeps the id). Returns ``tokenizer`` itself when none is missing.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokens, kinds = gguf_tokens(path)
+    vocab = tokenizer.get_vocab()
+    missing = {i: t for i, (t, k) in enumerate(zip(tokens, kinds, strict=True)) if k == USER_DEFINED}
+    missing = {i: t for i, t in missing.items() if vocab.get(t) != i}
+    if not missing:
+        return tokenizer
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model_vocab = backend["model"]["vocab"]
+    merged = {
+        "".join(m.split(" ", 1) if isinstance(m, str) else m) for m in backend["model"].get("merges") or []
+    }
+    for i, (t, k) in enumerate(zip(tokens, kinds, strict=True)):
+        if k == NORMAL and t in model_vocab:
+            model_vocab[t] = i  # an added token respelled like a normal one took its id in the reader
+    by_id = {i: t for t, i in model_vocab.items()}
+    for i, t in missing.items():
+        if by_id.get(i) is not None and by_id[i] not in merged:
+            del model_vocab[by_id[i]]  # the respelled copy: two spellings of one id make the id ambiguous
+        model_vocab[t] = i
+        added = {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False}
+        backend["added_tokens"].append({**added, "normalized": False, "special": False})
+    specials = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(backend)),
+        **{k: v for k, v in specials.items() if v is not None},
     )

@@ -41,7 +41,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,7 @@ def merge_adapter(
     max_eval_len: int = MAX_EVAL_LEN,
     compare_tokens: int = COMPARE_TOKENS,
     max_shard_size: str | int = MAX_SHARD_SIZE,
+    on_report: Callable[[MergeReport], None] | None = None,
     **overrides: Any,
 ) -> Path:
     """Merge a LoRA adapter into a 16-bit copy of its base, verify the result, save it; return ``output_dir``.
@@ -132,6 +133,8 @@ def merge_adapter(
         max_eval_tokens, max_eval_len: how much held-out text is scored, and the longest sequence.
         compare_tokens: positions whose full logits are compared.
         max_shard_size: safetensors shard size of the merged model.
+        on_report: called with the report once it is written, whether the merge passed or not (``merge_run``
+            logs it to the run's experiment trackers with it).
         **overrides: fields of ``config`` to replace, e.g. ``dtype="float32", tolerance=0.02``; checked like
             the config (an unknown key is a :class:`ConfigError` naming it).
 
@@ -170,6 +173,8 @@ def merge_adapter(
     write_json_atomic(staging / MERGE_REPORT, report.to_dict())
     write_card(staging, merged_card(report, facts))
     print(report.summary())
+    if on_report is not None:
+        on_report(report)
     if not verified.passed:
         raise MergeError(_failure(job, cfg, saved, out, staging))
     if out.exists():
@@ -354,13 +359,16 @@ def merge_run(
     tolerance: float | None = None,
     overwrite: bool = False,
     eval_texts: Sequence[str] | None = None,
+    log_to_trackers: bool = False,
 ) -> Path:
     """Merge the adapter of a training run directory (DAPT or SFT); what ``lora-dapt merge RUN_DIR`` calls.
 
     Reads the run through :class:`RunDir`: the base as loaded in training (:func:`trained_base`), the ``merge``
     section of ``config.yaml`` for defaults, ``adapter/`` and the held-out split (``eval_texts.json``, used
     for the check), and what the model card says about the run (:meth:`RunFacts.from_run`). Arguments left as None take the run's settings; the output defaults to the merge
-    section's output_dir, else ``RUN_DIR/merged``.
+    section's output_dir, else ``RUN_DIR/merged``. ``log_to_trackers``: the report's figures also go to the
+    experiment trackers the run recorded (train.report_to; :func:`~lora_dapt.train.trackers.log_merge`), at
+    the run's last step, passed or not (``lora-dapt train`` with merge.enabled).
 
     Example::
 
@@ -383,6 +391,10 @@ def merge_run(
     overrides: dict[str, Any] = {k: v for k, v in (("dtype", dtype), ("base_source", base_source)) if v}
     if tolerance is not None:
         overrides["tolerance"] = tolerance
+    if log_to_trackers:
+        from ..train.trackers import log_merge
+
+        overrides["on_report"] = lambda report: log_merge(run, report.to_dict())
     return merge_adapter(
         trained.name_or_path,
         run.adapter_dir,

@@ -21,6 +21,8 @@ def format_plan(p: Plan) -> str:
         if p.fits
         else f"{p.model}: does NOT fit in {p.gpu_memory / GiB:.1f} GiB"
     )
+    if p.gpus > 1:
+        head += f" per GPU on {p.gpus} GPUs ({p.strategy.upper()})"
     lines = [head, ""]
     if p.fits:
         lines += [
@@ -38,6 +40,13 @@ def format_plan(p: Plan) -> str:
     lines += ["", "why:"] + [f"  - {n}" for n in p.notes]
     if p.fits:
         lines += ["", "as overrides: " + " ".join(f"--set {o}" for o in p.config_overrides())]
+        if p.gpus > 1 and p.strategy == "ddp":
+            lines.append(f"launch: lora-dapt train CONFIG --nproc {p.gpus} --set ...")
+        elif p.gpus > 1:
+            lines.append(
+                "launch: accelerate launch --config_file examples/fsdp_qlora_accelerate.yaml --num_processes "
+                f"{p.gpus} -m lora_dapt.cli train CONFIG --set model.quant_storage=bfloat16 --set ..."
+            )
     return "\n".join(lines)
 
 
@@ -58,6 +67,13 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank to keep if it fits (default 16)")
     parser.add_argument(
         "--tokens-per-step", type=int, default=32768, help="tokens per optimizer step; sets accumulation"
+    )
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs, one process each; memory is per GPU")
+    parser.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="with --gpus > 1: ddp (whole model on each GPU, `train --nproc`) or fsdp (sharded base)",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
@@ -80,6 +96,8 @@ def plan_command(args: argparse.Namespace | list[str] | None = None) -> int:
         quantization=quant,
         rank=args.rank,
         tokens_per_step=args.tokens_per_step,
+        gpus=getattr(args, "gpus", 1),
+        strategy=getattr(args, "strategy", "ddp"),
     )
     print(json.dumps(p.to_dict(), indent=2) if getattr(args, "json", False) else format_plan(p))
     return 0 if p.fits else 1

@@ -353,6 +353,10 @@ class Plan:
     estimate: MemoryEstimate
     notes: list[str] = field(default_factory=list)
     """Why each setting was chosen, what was given up, and what does not fit."""
+    gpus: int = 1
+    """GPUs (one process each); ``estimate`` is per GPU (``planning.sharding``)."""
+    strategy: str = "ddp"
+    """'ddp' (whole model on every GPU) or 'fsdp' (sharded base weights)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -395,6 +399,8 @@ def plan(
     max_seq_len: int = 4096,
     compute_dtype: str = "bfloat16",
     min_rank: int = 4,
+    gpus: int = 1,
+    strategy: str = "ddp",
 ) -> Plan:
     """Pick seq_len, micro-batch, accumulation, checkpointing, optimizer and rank that fit ``gpu_memory``.
 
@@ -402,7 +408,9 @@ def plan(
     given, else the longest of 4096, 2048, ... the model supports, capped at ``max_seq_len``); a micro-step
     of at least ``BUSY_TOKENS`` tokens; no gradient checkpointing (it costs a third more compute); plain AdamW
     over paged 8-bit AdamW; then the larger micro-batch. Accumulation brings each optimizer step to about
-    ``tokens_per_step`` tokens, so the effective batch does not depend on what fits.
+    ``tokens_per_step`` tokens, so the effective batch does not depend on what fits. ``gpus`` > 1: the
+    estimate is per GPU under ``strategy`` ('ddp' or 'fsdp', :mod:`lora_dapt.planning.sharding`) and a step
+    is micro-batch x accumulation x ``gpus`` blocks.
 
     Example::
 
@@ -416,6 +424,9 @@ def plan(
         raise ConfigError(f"seq_len = {seq_len!r}: must be an int >= 2, or None to let plan choose")
     if not (isinstance(rank, int) and rank >= 1):
         raise ConfigError(f"rank = {rank!r}: must be an int >= 1 (a LoRA rank such as 8, 16 or 64)")
+    from .sharding import accumulation_for, check_parallelism, per_gpu_estimate, sharding_note
+
+    check_parallelism(gpus, strategy)
     shape = model_shape(model)
     max_pos = shape.max_position_embeddings or max_seq_len
     if seq_len is not None:
@@ -424,11 +435,12 @@ def plan(
         seqs = [s for s in _SEQ_CANDIDATES if s <= min(max_seq_len, max_pos)] or [min(max_seq_len, max_pos)]
     ranks = [rank] + [r for r in (rank // 2, rank // 4, rank // 8) if min_rank <= r < rank]
 
-    def est(r: int, t: int, b: int, ckpt: bool, opt: str, quant: str | None = quantization) -> MemoryEstimate:
+    def est(
+        r: int, t: int, b: int, ckpt: bool, opt: str, quant: str | None = quantization, n: int = gpus
+    ) -> MemoryEstimate:
         lora = AdapterConfig(r=r, target_modules=target_modules)
-        return estimate_memory(
-            shape, quant, lora, t, b, ckpt, opt, compute_dtype=compute_dtype, device="cuda"
-        )
+        one = estimate_memory(shape, quant, lora, t, b, ckpt, opt, compute_dtype=compute_dtype, device="cuda")
+        return per_gpu_estimate(one, shape, n, strategy)
 
     # every setting tried, ranked by the preferences of the docstring (the tuple compares in that order)
     best: tuple[tuple, tuple[int, int, int, bool, str], MemoryEstimate] | None = None
@@ -458,12 +470,13 @@ def plan(
             e4 = est(r, t, 1, True, "paged_adamw_8bit", "nf4")
             notes.append(f"with quantization='nf4' it would need {e4.total / GiB:.1f} GiB")
         notes.append("options: a GPU with more memory, a smaller model, or a CPU run (slow)")
-        accum = max(1, math.ceil(tokens_per_step / t))
-        return Plan(shape.name, budget, False, t, 1, accum, True, "paged_adamw_8bit", r, q, e, notes)
+        accum = accumulation_for(tokens_per_step, t, gpus)
+        fail = (t, 1, accum, True, "paged_adamw_8bit", r, q, e, notes, gpus, strategy)
+        return Plan(shape.name, budget, False, *fail)
 
     r, t, b, ckpt, opt = best[1]
     e = best[2]
-    accum = max(1, math.ceil(tokens_per_step / (b * t)))
+    accum = accumulation_for(tokens_per_step, b * t, gpus)
     notes = [f"fits: {e.total / GiB:.1f} of {budget / GiB:.1f} GiB estimated"]
     if seq_len is None and t < seqs[0]:
         e_long = est(r, seqs[0], 1, True, "paged_adamw_8bit")
@@ -487,7 +500,11 @@ def plan(
         notes.append(f"LoRA rank lowered from {rank} to {r}: rank {rank} did not fit at any setting")
     if b * t < BUSY_TOKENS:
         notes.append(f"micro-step of {b * t} tokens: the GPU will be under-used; expect lower tokens/s")
+    if gpus > 1:
+        notes.append(sharding_note(e, est(r, t, b, ckpt, opt, n=1), gpus, strategy))
+    each = f" ({gpus} GPUs x {b * t * accum:,})" if gpus > 1 else ""
     notes.append(
-        f"gradient accumulation {accum}: {b * t * accum:,} tokens per optimizer step (target {tokens_per_step:,})"
+        f"gradient accumulation {accum}: {b * t * accum * gpus:,} tokens per optimizer step{each} "
+        f"(target {tokens_per_step:,})"
     )
-    return Plan(shape.name, budget, True, t, b, accum, ckpt, opt, r, q, e, notes)
+    return Plan(shape.name, budget, True, t, b, accum, ckpt, opt, r, q, e, notes, gpus, strategy)

@@ -15,6 +15,9 @@ gradients are averaged across ranks. What lora_dapt adds:
 * :func:`shard_stats`: how the blocks of an epoch are dealt to the ranks, stated in the log and the
   summary (accelerate repeats a few blocks from the start when the last global batch is not full, so every
   rank gets full batches: they are counted, never hidden);
+* :func:`check_launcher`: refuses ``accelerate launch --cpu --num_processes N`` (accelerate starts ONE
+  process then: several CPU processes need its mpirun mode; ``accelerate launch --multi_gpu`` runs torchrun
+  and, without CUDA, gloo on the CPU) and FSDP on the CPU (accelerate shards on GPUs only);
 * :func:`launch_command` / :func:`launch`: ``lora-dapt train CONFIG --nproc N`` starts
   ``python -m torch.distributed.run --nproc_per_node N -m lora_dapt.cli train CONFIG``.
 
@@ -32,6 +35,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
+
+from ..errors import ConfigError
 
 log = logging.getLogger("lora_dapt")
 _T = TypeVar("_T")
@@ -76,11 +81,57 @@ def init() -> None:
 
     accelerate's ``PartialState`` does it (nccl on CUDA, gloo on the CPU), the same state the Trainer uses
     later; lora_dapt needs it earlier, to let rank 0 take the run directory's lock while the others wait.
+    Without CUDA it must be asked for the CPU (``cpu=True``): otherwise it sees no device to pair with
+    ``LOCAL_RANK`` and opens no group at all, and every rank would run rank 0's steps itself.
     """
+    check_launcher()
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and _dist() is None:
+        import torch
         from accelerate import PartialState
 
-        PartialState()
+        PartialState(cpu=not torch.cuda.is_available())
+
+
+def check_launcher(cpu: bool | None = None) -> None:
+    """Refuse the two launches that would not train what was asked, before anything is loaded:
+
+    * ``accelerate launch --cpu --num_processes N`` (N > 1) without an MPI host file: accelerate then starts
+      ONE process (its multi-CPU mode runs through ``mpirun``), which would silently train with a global
+      batch N times smaller. It is recognised by what accelerate's simple launcher sets:
+      ``ACCELERATE_USE_CPU`` and ``MASTER_ADDR`` (only set for several processes), and no world size.
+    * FSDP (``ACCELERATE_USE_FSDP``, from an accelerate FSDP config) on the CPU (``cpu``; None: no CUDA
+      here). accelerate 1.x turns FSDP on only for GPU-like devices: on the CPU its state stays MULTI_CPU
+      and the Trainer silently runs DDP, every rank holding the whole model; with
+      ``fsdp_sync_module_states: true`` it fails instead, inside the Trainer, with "There are currently no
+      available devices found, must be one of 'XPU', 'CUDA', ...".
+
+    Raises:
+        ConfigError: naming the commands that do work.
+    """
+    from accelerate.utils import get_int_from_env, str_to_bool
+
+    if cpu is None:
+        import torch
+
+        cpu = not torch.cuda.is_available()
+    if cpu and str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")) == 1:
+        raise ConfigError(
+            "FSDP on the CPU: accelerate shards models with FSDP on GPUs only (on the CPU it would run plain "
+            "DDP, every process holding the whole model, or fail with sync_module_states). Train on the CPU "
+            "with DDP: `lora-dapt train CONFIG --nproc N`; use the FSDP config (examples/"
+            "fsdp_qlora_accelerate.yaml) on a machine with N GPUs"
+        )
+
+    sizes = ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"]
+    asked_cpu = str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) == 1
+    if asked_cpu and os.environ.get("MASTER_ADDR") and get_int_from_env(sizes, 0) == 0:
+        raise ConfigError(
+            "accelerate launch --cpu with several processes started only this one: accelerate runs several "
+            "CPU processes through mpirun (--mpirun_hostfile) only. On one machine use "
+            "`lora-dapt train CONFIG --nproc N`, `torchrun --nproc_per_node N -m lora_dapt.cli train CONFIG`, "
+            "or `accelerate launch --multi_gpu --num_processes N -m lora_dapt.cli train CONFIG` (without CUDA "
+            "the ranks train on the CPU over gloo)"
+        )
 
 
 def barrier() -> None:

@@ -122,11 +122,20 @@ class RunEvaluation:
             self.trackers.log_eval(step, out)
         return out
 
-    def _evaluate_splits(self, step: int, phase: str, tokens: int, model: Any) -> dict[str, Any]:
+    def _evaluate_splits(
+        self, step: int, phase: str, tokens: int, model: Any, own_tokenizer: Any = None
+    ) -> dict[str, Any]:
+        tokenizer, eval_ds = self.tokenizer, self.eval_ds
+        if own_tokenizer is not None:  # the original without the run's new tokens: its own tokenization
+            from ..data.vocab import retokenize_blocks
+
+            tokenizer = own_tokenizer
+            if eval_ds is not None and len(eval_ds) > 0:
+                eval_ds = retokenize_blocks(eval_ds, self.tokenizer, own_tokenizer)
         return evaluate_splits(
             model if model is not None else self.model,
-            self.tokenizer,
-            self.eval_ds,
+            tokenizer,
+            eval_ds,
             self.general_texts,
             self.cfg,
             step=step,
@@ -142,9 +151,10 @@ class RunEvaluation:
         return score_original(
             self.source,
             self.plan,
-            lambda m: self._evaluate(step, phase, tokens, model=m),
+            lambda m, own: self._evaluate_splits(step, phase, tokens, m, own),
             device=model_device(self.model),
             adapter_dir=self.run.adapter_dir if adapter else None,
+            tokenizer=self.tokenizer,
             trust_remote_code=self.trust_remote_code,
         )
 
@@ -264,6 +274,10 @@ class RunEvaluation:
             return {}
         ref = ((before.get(ORIGINAL) or {}).get("general") or {}).get("ppl")
         now = ((after.get(ORIGINAL) or {}).get("general") or {}).get("ppl")
+        bpb = [((s.get(ORIGINAL) or {}).get("general") or {}).get("bits_per_byte") for s in (before, after)]
+        if (before.get(ORIGINAL) or {}).get("tokenizer") == "base" and ref and all(bpb):
+            # new tokens: 'after' counts other tokens; its perplexity per BASE token over the same bytes
+            now = ref ** (bpb[1] / bpb[0])
         if ref and now:
             within = now <= ref * (1 + b.limit)
             b.original_16bit = {

@@ -159,7 +159,7 @@ def continued_pretrain(
     trackers = check_trackers(cfg.report_to)  # a missing tracker package fails before anything is written
     with (
         RunDir(cfg.output_dir) as run,
-        Trackers(trackers, cfg.run_name, run.tensorboard_dir, distributed.is_main()) as tracked,
+        Trackers(trackers, cfg.run_name, run.tensorboard_dir, distributed.is_main(), run=run) as tracked,
     ):
         return _train(
             run,
@@ -193,6 +193,7 @@ def _train(
     """:func:`continued_pretrain` inside its run directory (whose lock ``run.start`` takes)."""
     train_ds, eval_ds = _split(corpus)
     seq_len = _check_inputs(model, train_ds, cfg)
+    distributed.check_launcher(cpu=_on_cpu(model))  # FSDP with the model on the CPU is refused
     distributed.init()  # several processes (torchrun / accelerate launch): open the group before run.start
     world = distributed.world_size()
     total_steps = total_optimizer_steps(len(train_ds), cfg, seq_len, world)

@@ -31,9 +31,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..rundir import RunDir
 
 log = logging.getLogger("lora_dapt")
 
@@ -125,6 +128,11 @@ def scalars(prefix: str, values: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _written(names: list[str]) -> list[str]:
+    """The names among ``names`` written here, in the order :meth:`Trackers.start` opens their writers."""
+    return [n for n in WRITTEN_HERE if n in names]
+
+
 class _TensorBoardWriter:
     """Our scalars into the run's TensorBoard directory (an event file beside the Trainer's)."""
 
@@ -133,9 +141,17 @@ class _TensorBoardWriter:
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
+    def record(self) -> dict[str, Any]:
+        return {}
+
     def log(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def log_texts(self, values: dict[str, str], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_text(tag, value, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -143,20 +159,34 @@ class _TensorBoardWriter:
 
 
 class _WandbWriter:
-    """The W&B run (started here unless one is active: then it is the caller's, and left open)."""
+    """The W&B run (started here unless one is active: then it is the caller's, and left open); ``resume``:
+    the id of the run to continue (recorded by an earlier session of the same run directory)."""
 
-    def __init__(self, run_name: str | None) -> None:
+    def __init__(self, run_name: str | None, resume: dict[str, Any] | None = None) -> None:
         import wandb
 
         self.wandb = wandb
         self.owned = wandb.run is None
         if self.owned:  # the same project the Trainer's WandbCallback would pick
-            wandb.init(project=os.getenv("WANDB_PROJECT", "huggingface"), name=run_name)
+            project = (resume or {}).get("project") or os.getenv("WANDB_PROJECT", "huggingface")
+            run_id = (resume or {}).get("id")
+            if run_id:
+                wandb.init(project=project, name=run_name, id=run_id, resume="allow")
+            else:
+                wandb.init(project=project, name=run_name)
         wandb.define_metric("train/global_step")
         wandb.define_metric("*", step_metric="train/global_step", step_sync=True)
 
+    def record(self) -> dict[str, Any]:
+        run = self.wandb.run
+        return {"id": run.id, "project": run.project} if run is not None else {}
+
     def log(self, values: dict[str, float], step: int) -> None:
         self.wandb.log({**values, "train/global_step": step})
+
+    def log_texts(self, values: dict[str, str], step: int) -> None:
+        if self.wandb.run is not None:
+            self.wandb.run.summary.update(values)
 
     def close(self) -> None:
         if self.owned and self.wandb.run is not None:
@@ -164,21 +194,49 @@ class _WandbWriter:
 
 
 class _MlflowWriter:
-    """The active MLflow run (started here unless one is active: then it is the caller's, and left open)."""
+    """The active MLflow run (started here unless one is active: then it is the caller's, and left open);
+    ``resume``: the run to continue, when it is in the same tracking store."""
 
-    def __init__(self, run_name: str | None) -> None:
+    def __init__(self, run_name: str | None, resume: dict[str, Any] | None = None) -> None:
         import mlflow
 
         self.mlflow = mlflow
         self.owned = mlflow.active_run() is None
         if self.owned:
-            experiment = os.getenv("MLFLOW_EXPERIMENT_NAME")  # as MLflowCallback reads it
-            if experiment:
-                mlflow.set_experiment(experiment)
-            mlflow.start_run(run_name=run_name)
+            run_id = (resume or {}).get("run_id")
+            uri = mlflow.get_tracking_uri()
+            if run_id and resume.get("tracking_uri") not in (None, uri):
+                log.warning(
+                    "train.report_to: the run's MLflow run %s is in %s, but the tracking URI is now %s: a new "
+                    "MLflow run is started (set MLFLOW_TRACKING_URI to continue the recorded one)",
+                    run_id,
+                    resume.get("tracking_uri"),
+                    uri,
+                )
+                run_id = None
+            if run_id:
+                mlflow.start_run(run_id=run_id)
+            else:
+                experiment = os.getenv("MLFLOW_EXPERIMENT_NAME")  # as MLflowCallback reads it
+                if experiment:
+                    mlflow.set_experiment(experiment)
+                mlflow.start_run(run_name=run_name)
+
+    def record(self) -> dict[str, Any]:
+        run = self.mlflow.active_run()
+        if run is None:
+            return {}
+        return {
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+            "tracking_uri": self.mlflow.get_tracking_uri(),
+        }
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(values, step=step)
+
+    def log_texts(self, values: dict[str, str], step: int) -> None:
+        self.mlflow.set_tags(values)
 
     def close(self) -> None:
         if self.owned and self.mlflow.active_run() is not None:
@@ -204,6 +262,9 @@ class Trackers:
     """The TensorBoard directory (``RunDir.tensorboard_dir``)."""
     main_process: bool = True
     """False on the other ranks of a distributed run: nothing is written there."""
+    run: RunDir | None = None
+    """The run directory: the W&B / MLflow run ids are recorded in its ``trackers.json``, and a later session
+    of the same run (a resume, the merge after training) continues those runs instead of starting new ones."""
     _writers: list[Any] = field(default_factory=list, init=False, repr=False)
     _trainer_tb: Any = field(default=None, init=False, repr=False)
     _started: bool = field(default=False, init=False, repr=False)
@@ -217,14 +278,20 @@ class Trackers:
         if self._started or not self.active:
             return
         self._started = True
+        recorded = (self.run.read_trackers() if self.run is not None else None) or {}
         if "tensorboard" in self.names:
             if self.log_dir is None:
                 raise ValueError("Trackers: report_to has tensorboard but no log_dir was given")
             self._writers.append(_TensorBoardWriter(self.log_dir))
         if "wandb" in self.names:
-            self._writers.append(_WandbWriter(self.run_name))
+            self._writers.append(_WandbWriter(self.run_name, recorded.get("wandb")))
         if "mlflow" in self.names:
-            self._writers.append(_MlflowWriter(self.run_name))
+            self._writers.append(_MlflowWriter(self.run_name, recorded.get("mlflow")))
+        if self.run is not None:
+            ids = {name: w.record() for name, w in zip(_written(self.names), self._writers, strict=True)}
+            self.run.write_trackers(
+                {"report_to": self.names, "run_name": self.run_name, **{k: v for k, v in ids.items() if v}}
+            )
         others = [n for n in self.names if n not in WRITTEN_HERE]
         if others:
             log.warning(
@@ -253,6 +320,14 @@ class Trackers:
         self.start()
         for writer in self._writers:
             writer.log(values, step)
+
+    def log_texts(self, values: dict[str, str], step: int) -> None:
+        """Write text values (tag -> string) at ``step``: TensorBoard text, MLflow tags, the W&B summary."""
+        if not values or not self.active:
+            return
+        self.start()
+        for writer in self._writers:
+            writer.log_texts(values, step)
 
     def log_eval(self, step: int, results: dict[str, Any]) -> None:
         """One evaluation (split -> an EvalResult dict, as its metrics-log rows) as ``eval/{split}/...``."""
@@ -283,3 +358,39 @@ class Trackers:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+MERGE_FIGURES = (
+    "perplexity_adapter",
+    "perplexity_merged",
+    "ppl_rel_diff",
+    "max_abs_logit_diff",
+    "adapter_effect",
+)
+"""The numbers of ``merge_report.json`` logged as ``merge/{name}`` (with ``merge/passed`` 1 or 0, the held-out
+loss and perplexity of every base under ``merge/losses/...``, and the chosen dtype as the text ``merge/dtype``)."""
+
+
+def merge_figures(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """(scalars, texts) of a merge report (:class:`~lora_dapt.export.report.MergeReport` as a dict)."""
+    values: dict[str, Any] = {k: report[k] for k in MERGE_FIGURES if k in report}
+    values["passed"] = 1.0 if report.get("passed") is True else 0.0
+    values["losses"] = report.get("losses") or {}
+    return scalars("merge", values), {"merge/dtype": str(report["dtype"])}
+
+
+def log_merge(run: RunDir, report: dict[str, Any]) -> bool:
+    """Log a merge's figures (:func:`merge_figures`) to the trackers the run recorded (``trackers.json``),
+    continuing the same runs, at the run's last step (``summary.json`` steps). False (nothing logged) when
+    the run used no tracker that is written here."""
+    recorded = run.read_trackers() or {}
+    names = _written(list(recorded.get("report_to") or []))
+    if not names:
+        return False
+    step = int((run.read_summary() or {}).get("steps") or 0)
+    values, texts = merge_figures(report)
+    with Trackers(names, recorded.get("run_name"), run.tensorboard_dir, run=run) as trackers:
+        trackers.log_scalars(values, step)
+        trackers.log_texts(texts, step)
+    log.info("merge figures logged to %s at step %d", ", ".join(names), step)
+    return True

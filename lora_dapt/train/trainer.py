@@ -17,6 +17,7 @@ trainer tell each other, and what the run reports at the end (why it stopped, up
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -26,11 +27,13 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import TrainConfig
 from ..errors import TrainingError
 from ..model.loss import causal_lm_loss_sum
+from ..model.vocab import trains_token_rows
 from ..progress import Progress, progress
 from ..rundir import RunDir, TrainRow
 from .distributed import any_rank, barrier
@@ -139,6 +142,24 @@ class DAPTTrainer(Trainer):
         if not torch.isfinite(loss).all():
             self.run_state.nonfinite_step = self.state.global_step + 1
         return loss
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The Trainer's save, except that a model training new token rows (adapter.new_tokens) saves those
+        rows only, as the final adapter does: peft's default ('auto') would add both grown matrices whole to
+        every checkpoint. Resuming loads the rows onto the grown base, which rebuilds every other row."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not trains_token_rows(model):
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return None
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None
 
     # -- optimizer and schedule ------------------------------------------------------------------------
     def create_optimizer(self, model=None):  # noqa: D102

@@ -9,7 +9,9 @@ chosen config.
 What makes trials comparable: every trial trains on the same first ``budget_tokens`` of the training blocks
 (one pass, the same seed, so the same order and the same LoRA init), with the run's schedule shape (warmup
 as the same fraction of the steps, the same decay and floor), and is scored on the same capped number of
-held-out domain tokens and general-text tokens (``max_eval_tokens`` each) on the 4-bit base as trained.
+held-out domain tokens and general-text tokens (``max_eval_tokens`` each), on the original 16-bit model with
+the trial's adapter attached (``score_on: original``, the default, loaded once: :mod:`.tune_score`) or on
+the 4-bit base as trained (``score_on: as_trained``, or when the original does not fit).
 
 The choice: the trial with the lowest held-out domain perplexity among those whose general perplexity rose
 by at most the forgetting budget over the base's (``max_general_ppl_increase``; default the config's
@@ -18,8 +20,8 @@ inside it (the CLI then exits 3 and writes no chosen config).
 
 Trade-off: a probe is shorter than the run, and a short run favours a higher learning rate than a long one
 would; give ``budget_tokens`` a good share of the run's tokens when the choice matters (default: a quarter).
-The ranking is made on the 4-bit base the adapter trains on; the merge's 16-bit base shifts every trial by
-about the same quantization gap.
+On the 4-bit base as trained an adapter also learns back part of the quantization loss, which flatters
+both gain and forgetting; the 16-bit figures are what the merged model scores.
 
 Resuming: finished trials are rows of ``trials.jsonl``; a rerun with the same plan (``tune.json``: budget,
 data, eval and schedule fingerprints) skips them and gives the same choice; another plan is refused unless
@@ -56,6 +58,7 @@ from .tune_grid import (
     make_grid,
     warmup_share,
 )
+from .tune_score import TrialScorer
 
 log = logging.getLogger("lora_dapt")
 
@@ -144,12 +147,29 @@ def run_trials(
         options.max_general_ppl_increase or config.eval.max_general_ppl_increase or DEFAULT_FORGETTING_BUDGET
     )
     out = Path(options.output_dir) if options.output_dir else RunDir(config.train.output_dir).tune_dir
+    if source is None:
+        from ..model.load import ModelSource
 
-    with TuneDir(out).lock() as tdir:
+        source = ModelSource.of_model(model)
+
+    with (
+        TuneDir(out).lock() as tdir,
+        TrialScorer.create(
+            model,
+            tokenizer,
+            eval_ds,
+            general,
+            eval_cfg,
+            source,
+            options.score_on,
+            trust_remote_code=config.model.trust_remote_code,
+        ) as scorer,
+    ):
         plan = _plan(config, options, source, model, train_ds, eval_ds, general, seq_len)
+        plan["scored_on"] = scorer.scored_on
         base, done = _resume(tdir, plan, options.overwrite)
         if base is None:
-            base = _score(model, tokenizer, eval_ds, general, eval_cfg, tdir.base_run, step=0, phase="before")
+            base = scorer.score_base(model, tdir.base_run)
             tdir.write_plan({"plan": plan, "base": base})
         todo = [t for t in trials if _key_json(t.key()) not in done]
         cost = _state_cost(model, train_ds, config, trials, todo, base, n_blocks, seq_len)
@@ -167,9 +187,7 @@ def run_trials(
                 model,
                 tokenizer,
                 train_ds,
-                eval_ds,
-                general,
-                eval_cfg,
+                scorer,
                 config,
                 trial,
                 tdir,
@@ -192,6 +210,7 @@ def run_trials(
             chosen=chosen,
             cost=cost,
             signal=signal_name,
+            scored_on=scorer.scored_on,
         )
         if signal_name is None:
             _write_outputs(tdir, result, config, trials)
@@ -207,9 +226,7 @@ def _run_trial(
     model: Any,
     tokenizer: Any,
     train_ds: Any,
-    eval_ds: Any,
-    general: list[str],
-    eval_cfg: EvalConfig,
+    scorer: TrialScorer,
     config: RunConfig,
     trial: Trial,
     tdir: TuneDir,
@@ -251,16 +268,8 @@ def _run_trial(
         )
         signal_name = res.signal
         if signal_name is None:
-            scores = _score(
-                peft_model,
-                tokenizer,
-                eval_ds,
-                general,
-                eval_cfg,
-                run,
-                step=res.steps,
-                phase="after",
-                tokens=res.tokens_trained,
+            scores = scorer.score_trial(
+                peft_model, run.adapter_dir, run, step=res.steps, tokens=res.tokens_trained
             )
             row.steps, row.tokens, row.tokens_per_s = res.steps, res.tokens_trained, res.tokens_per_s
             row.train_loss, row.domain, row.general = res.final_loss, scores["domain"], scores["general"]
@@ -295,35 +304,6 @@ def _trial_train_config(config: RunConfig, trial: Trial, output_dir: str, warmup
         resume_from=None,
         overwrite=True,  # a trial cut short in an earlier session starts again
     )
-
-
-def _score(
-    model: Any,
-    tokenizer: Any,
-    eval_ds: Any,
-    general: list[str],
-    eval_cfg: EvalConfig,
-    run: RunDir,
-    *,
-    step: int,
-    phase: str,
-    tokens: int = 0,
-) -> dict[str, Any]:
-    """Domain and general scores (capped tokens), logged in ``run``'s metrics log."""
-    from ..evaluate.forgetting import evaluate_splits
-
-    out = evaluate_splits(
-        model,
-        tokenizer,
-        eval_ds,
-        general,
-        eval_cfg,
-        step=step,
-        phase=phase,
-        run_dir=run.create().path,
-        tokens_trained=tokens,
-    )
-    return {"domain": out["domain"], "general": out["general"]}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ class TuneConfig(Section):
     """Tokens scored per split (held-out domain, general) for every trial and the base."""
     max_general_ppl_increase: float | None = None
     """The forgetting budget of the choice; None: eval.max_general_ppl_increase, else 0.05 (5%)."""
+    score_on: str = "original"
+    """What trials are scored on: 'original' (the original 16-bit model with each trial's adapter on it, what
+    the merge ships; loaded once for the whole tune, when it fits beside the 4-bit base, else the base as
+    trained, with a warning) or 'as_trained' (the 4-bit base the adapters train on)."""
     output_dir: str | None = None
     """The tune directory; None: TRAIN_OUTPUT_DIR/tune."""
     overwrite: bool = False
@@ -74,6 +78,9 @@ class TuneConfig(Section):
             "must be >= 1 or null",
         )
         self._check(out, self.max_eval_tokens >= 2, "max_eval_tokens", "must be >= 2")
+        self._check(
+            out, self.score_on in ("original", "as_trained"), "score_on", "must be original or as_trained"
+        )
         self._check(
             out, positive(self.max_general_ppl_increase), "max_general_ppl_increase", "must be > 0 or null"
         )
@@ -162,6 +169,8 @@ class TuneResult:
     """The cost stated before the trials started."""
     signal: str | None = None
     """A signal that stopped the tune (the unfinished trial runs again on a rerun)."""
+    scored_on: str = "as_trained"
+    """What the base's and the trials' figures are on: 'original_16bit' or 'as_trained' (the 4-bit base)."""
 
     def table(self) -> str:
         from .tune_report import format_table  # matplotlib-free, but not needed to build a result

@@ -103,8 +103,13 @@ def format_results(result: TuneResult) -> str:
         "# lora-dapt tune",
         "",
         f"{result.cost}.",
-        f"Each trial: the same first {result.budget_tokens:,} training tokens; scores on the 4-bit base as "
-        "trained, the same capped held-out domain and general tokens for every trial.",
+        f"Each trial: the same first {result.budget_tokens:,} training tokens; scores on "
+        + (
+            "the original 16-bit model (the base, and each trial's adapter on it, as merged)"
+            if result.scored_on == "original_16bit"
+            else "the 4-bit base as trained"
+        )
+        + ", the same capped held-out domain and general tokens for every trial.",
         "",
         format_table(result),
     ]
