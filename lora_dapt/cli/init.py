@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,8 +83,8 @@ class InitResult:
 
 
 def machine_memory() -> Machine:
-    """The memory of the first CUDA device, else :data:`USABLE_RAM` of the RAM available now (Linux
-    ``MemAvailable``; elsewhere the physical RAM)."""
+    """The memory of the first CUDA device, else :data:`USABLE_RAM` of the RAM available now
+    (:func:`~lora_dapt.planning.available.free_memory_bytes`)."""
     import torch
 
     if torch.cuda.is_available():
@@ -93,7 +92,9 @@ def machine_memory() -> Machine:
         return Machine(
             "cuda", int(props.total_memory), f"GPU {props.name} ({props.total_memory / 2**30:.1f} GiB)"
         )
-    available = _available_ram()
+    from ..planning.available import free_memory_bytes
+
+    available = free_memory_bytes("cpu")
     usable = int(available * USABLE_RAM)
     return Machine("cpu", usable, f"CPU ({usable / 2**30:.1f} GiB of RAM usable)")
 
@@ -106,17 +107,6 @@ def _given_machine(gpu_memory: str | None) -> Machine | None:
 
     size = parse_memory(gpu_memory)
     return Machine("cuda", size, f"a GPU of {size / 2**30:.1f} GiB (--gpu-memory {gpu_memory})")
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def init_config(

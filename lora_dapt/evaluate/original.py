@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from ..config import EvalConfig
 from ..errors import ConfigError
 from ..model.load import ModelSource
+from ..planning.available import free_memory_bytes
 
 log = logging.getLogger("lora_dapt")
 
@@ -58,20 +58,6 @@ class OriginalPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory where the 16-bit model would go: CUDA's free memory, else the RAM the kernel says is
-    available (``MemAvailable``; free pages where /proc/meminfo is missing)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def usable_dtype(stored: str, device: torch.device) -> str:

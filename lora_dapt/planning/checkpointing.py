@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import AdapterConfig
+from .available import free_memory_bytes
 
 HEADROOM = 0.7
 """Checkpointing stays off while a step's memory without it is under this fraction of the free memory."""
@@ -27,19 +28,6 @@ class CheckpointingChoice:
 
     enabled: bool
     reason: str
-
-
-def free_memory_bytes(device: Any) -> int:
-    """Memory free for a training step now: ``torch.cuda.mem_get_info`` on CUDA, available RAM on the CPU."""
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(dev)
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def choose_gradient_checkpointing(
@@ -65,11 +53,13 @@ def choose_gradient_checkpointing(
     if setting is True or setting is False:
         how = "on" if setting else "off"
         return CheckpointingChoice(setting, f"gradient checkpointing {how} (adapter.gradient_checkpointing)")
+    from ..model.bnb import describe_quantization
     from .memory import estimate_memory
 
     param = next(model.parameters())
     device = param.device
-    quant = _quantization(model)
+    quant, _compute = describe_quantization(getattr(model, "config", None))
+    quant = None if quant == "none" else quant
     dtype = str(getattr(model, "dtype", param.dtype)).removeprefix("torch.")
     dtype = dtype if dtype in ("bfloat16", "float16", "float32") else "float32"
     kwargs = dict(seq_len=seq_len, batch_size=batch_size, compute_dtype=dtype, device=device.type)
@@ -89,14 +79,3 @@ def choose_gradient_checkpointing(
         f"gradient checkpointing on (adapter.gradient_checkpointing=auto): a step would need about "
         f"{need / GiB:.2f} GiB without it, more than {HEADROOM:.0%} of the {free / GiB:.1f} GiB {where} free",
     )
-
-
-def _quantization(model: Any) -> str | None:
-    """'nf4' / 'fp4' / 'int8' from the model's bitsandbytes config, None for a 16-bit base."""
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qc is None:
-        return None
-    get = qc.get if isinstance(qc, dict) else lambda k, d=None: getattr(qc, k, d)
-    if get("load_in_4bit"):
-        return str(get("bnb_4bit_quant_type", "nf4") or "nf4")
-    return "int8" if get("load_in_8bit") else None
