@@ -13,7 +13,8 @@ peft, non-overlapping windows of ``--seq-len`` tokens, mean next-token NLL) on t
 Corpora: ``stdlib`` (the quickstart's: docstrings of Python's standard library, one document per module)
 and ``man`` (section-1 manual pages of the installed packages, rendered with ``man``).
 
-Candidates: ``recipe`` (the hand-written transformers + peft recipe: r=16, alpha=32, lr 2e-4 cosine with 5%
+Candidates: ``tune`` (``lora-dapt tune`` on the defaults' config, validating on other ``fortunes`` files than
+the table's general text, then a run of its chosen config on the same budget), ``recipe`` (the hand-written transformers + peft recipe: r=16, alpha=32, lr 2e-4 cosine with 5%
 warmup, batch 4, no accumulation, bf16 compute, ``group_texts``), ``old`` (lora_dapt's defaults before
 issue 14: 1 x 8 blocks per step, no warmup, fp32 compute, checkpointing on), ``new`` (lora_dapt's current
 defaults: only model, data, seq_len and the token budget set), and variants of ``new`` given as overrides.
@@ -50,6 +51,20 @@ from bench_train import smollm2_dir  # noqa: E402
 
 FORTUNE_FILES = ("literature", "people", "wisdom", "love", "food", "sports", "pets", "medicine", "work")
 FORTUNES = Path("/usr/share/games/fortunes")
+TUNE_GENERAL_FILES = (
+    "humorists",
+    "politics",
+    "science",
+    "songs-poems",
+    "education",
+    "law",
+    "kids",
+    "platitudes",
+)
+"""General VALIDATION text: what ``lora-dapt tune`` measures forgetting on in the ``tune`` candidates and what
+the ``replay`` candidates replay. Other files of the same package than the table's general text, so that
+neither the choice nor the training ever sees the text the table is scored on (as a user would replay a
+sample of a general corpus and score forgetting on its held-out documents)."""
 
 OLD_DEFAULTS = {
     "train.batch_size": 1,
@@ -77,10 +92,26 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rslora-lr1e-3": {"adapter.use_rslora": True, "adapter.alpha": 16, "train.learning_rate": 1e-3},
     "r64": {"adapter.r": 64, "adapter.alpha": 128},
     "nodrop": {"adapter.dropout": 0.0},
+    "drop0.05": {"adapter.dropout": 0.05},
+    "nodrop-lr7e-4": {"adapter.dropout": 0.0, "train.learning_rate": 7e-4},
+    "nodrop-lr1e-3": {"adapter.dropout": 0.0, "train.learning_rate": 1e-3},
+    "nodrop-r32": {"adapter.dropout": 0.0, "adapter.r": 32, "adapter.alpha": 64},
+    "r32-lr1e-3": {"adapter.r": 32, "adapter.alpha": 64, "train.learning_rate": 1e-3},
+    "lr1e-3-floor0": {"train.learning_rate": 1e-3, "train.min_lr_ratio": 0.0},
     "bs8": {"train.batch_size": 8},
     "bs2": {"train.batch_size": 2},
+    "replay5": {"data.replay_sources": "VALIDATION", "data.replay_fraction": 0.05},
+    "replay5-lr1e-3": {
+        "data.replay_sources": "VALIDATION",
+        "data.replay_fraction": 0.05,
+        "train.learning_rate": 1e-3,
+    },
     "old": OLD_DEFAULTS,
 }
+"""Overrides of the defaults. ``"VALIDATION"`` stands for the general validation text (``TUNE_GENERAL_FILES``)."""
+
+TUNES: dict[str, dict[str, Any]] = {"tune": {}, "tune-replay5": VARIANTS["replay5"]}
+"""``lora-dapt tune`` candidates: the config it starts from (overrides of the defaults, as VARIANTS)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,11 +154,11 @@ def man_docs(n: int = 300, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def fortunes_texts(chunk_chars: int = 2000) -> list[str]:
+def fortunes_texts(chunk_chars: int = 2000, files: tuple[str, ...] = FORTUNE_FILES) -> list[str]:
     if not FORTUNES.is_dir():
         sys.exit("general text: apt install fortunes (the Debian package's quotations)")
     entries = []
-    for name in FORTUNE_FILES:
+    for name in files:
         text = (FORTUNES / name).read_text(encoding="utf-8", errors="replace")
         entries += [e.strip() for e in text.split("\n%\n") if e.strip()]
     docs, cur = [], ""
@@ -222,21 +253,45 @@ def run_lora_dapt(
     budget: int,
     seq: int,
     out: Path,
+    validation: Path,
 ) -> tuple[Path, float]:
     import lora_dapt as ld
 
+    raw = raw_config(base, train_paths, eval_paths, overrides, budget, seq, out, validation)
+    result = ld.run(ld.RunConfig.from_dict(raw))
+    return Path(result.adapter_dir), float(result.tokens_per_s)
+
+
+def raw_config(
+    base: Path,
+    train_paths: list[str],
+    eval_paths: list[str],
+    overrides: dict,
+    budget: int,
+    seq: int,
+    out: Path,
+    validation: Path,
+) -> dict:
+    """The candidate's config: the defaults with only model, data, seq_len and the token budget set, then
+    ``overrides`` (``"VALIDATION"``: the general validation directory)."""
     raw = {
         "model": {"name_or_path": str(base), "quantization": "nf4"},
         "data": {"sources": train_paths, "eval_sources": eval_paths, "seq_len": seq},
         "train": {"output_dir": str(out), "max_tokens": budget, "overwrite": True, "save_every": 0},
-        "eval": {"enabled": False},
+        "eval": {"enabled": False, "general_sources": [str(validation)]},
     }
     for key, value in overrides.items():
         section, name = key.split(".")
-        raw.setdefault(section, {})[name] = value
-    cfg = ld.RunConfig.from_dict(raw)
-    result = ld.run(cfg)
-    return Path(result.adapter_dir), float(result.tokens_per_s)
+        raw.setdefault(section, {})[name] = [str(validation)] if value == "VALIDATION" else value
+    return raw
+
+
+def write_validation(directory: Path) -> Path:
+    """The general validation text (:data:`TUNE_GENERAL_FILES`) as text files in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(fortunes_texts(files=TUNE_GENERAL_FILES)):
+        (directory / f"{i:04d}.txt").write_text(text, encoding="utf-8")
+    return directory
 
 
 def run_recipe(base: Path, train_texts: list[str], budget: int, seq: int, out: Path) -> tuple[Path, float]:
@@ -305,6 +360,44 @@ def run_recipe(base: Path, train_texts: list[str], budget: int, seq: int, out: P
     return out / "adapter", len(ds) * seq / wall
 
 
+def run_tune(
+    base: Path,
+    train_paths: list[str],
+    eval_paths: list[str],
+    budget: int,
+    seq: int,
+    out: Path,
+    validation: Path,
+    overrides: dict,
+    learning_rates: list[float],
+    probe_tokens: int | None,
+) -> tuple[Path, float, dict]:
+    """What a user does: ``lora-dapt tune`` on the candidate's config (validating on general text that is not
+    the table's), then ``lora-dapt train`` on the chosen config, for the same token budget."""
+    import lora_dapt as ld
+
+    raw = raw_config(base, train_paths, eval_paths, overrides, budget, seq, out / "run", validation)
+    options = {"budget_tokens": probe_tokens, "output_dir": str(out / "tune"), "overwrite": True}
+    if learning_rates:
+        options["learning_rates"] = learning_rates
+    t0 = time.time()
+    result = ld.tune(ld.RunConfig.from_dict(raw), **options)
+    tune_s = time.time() - t0
+    print(result.table(), flush=True)
+    if result.chosen is None:
+        sys.exit("tune chose nothing (no trial inside the forgetting budget)")
+    chosen = next(t for t in result.trials if t.trial == result.chosen)
+    cfg = ld.RunConfig.from_yaml(result.chosen_config)
+    trained = ld.run(cfg)
+    info = {
+        "tune_s": tune_s,
+        "chosen_lr": chosen.learning_rate,
+        "chosen_r": chosen.r,
+        "trials": len(result.trials),
+    }
+    return Path(trained.adapter_dir), float(trained.tokens_per_s), info
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -316,6 +409,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16_000, help="tokens scored per split")
     ap.add_argument("--json", type=Path, default=None, help="append each row to this JSONL file")
+    ap.add_argument(
+        "--tune-lrs", default="", help="the tune candidate's learning rates (default: tune's grid)"
+    )
+    ap.add_argument("--tune-tokens", type=int, default=None, help="tune's probe budget (default: tune's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -326,6 +423,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix=f"bench_defaults_{args.corpus}_"))
     train_paths = write_docs(train_docs, work / "train")
     eval_paths = write_docs(eval_docs, work / "heldout")
+    validation = write_validation(work / "general_validation")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(base))
@@ -345,11 +443,26 @@ def main() -> None:
     for name in args.candidates.split(","):
         out = work / name
         t0 = time.time()
+        info: dict = {}
         if name == "recipe":
             adapter, tps = run_recipe(base, [t for _, t in train_docs], args.budget, args.seq_len, out)
+        elif name in TUNES:
+            lrs = [float(x) for x in args.tune_lrs.split(",") if x]
+            adapter, tps, info = run_tune(
+                base,
+                train_paths,
+                eval_paths,
+                args.budget,
+                args.seq_len,
+                out,
+                validation,
+                TUNES[name],
+                lrs,
+                args.tune_tokens,
+            )
         else:
             adapter, tps = run_lora_dapt(
-                base, train_paths, eval_paths, VARIANTS[name], args.budget, args.seq_len, out
+                base, train_paths, eval_paths, VARIANTS[name], args.budget, args.seq_len, out, validation
             )
         after = score_adapter(base, adapter, sets)
         gc.collect()
@@ -364,6 +477,7 @@ def main() -> None:
             "general_change": after["general"] / before["general"] - 1,
             "train_tokens_per_s": tps,
             "wall_s": time.time() - t0,
+            **info,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -94,13 +94,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="blocks per step (default: train.batch_size's)")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up steps)")
     ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument(
+        "--top", type=int, default=0, help="also list the N ops with the most self time in each group"
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from peft.helpers import disable_input_dtype_casting
+    from torch.profiler import ProfilerActivity, record_function
 
     from lora_dapt.cli.quickstart import smollm2_gguf
     from lora_dapt.config import AdapterConfig, TrainConfig
@@ -126,7 +130,13 @@ def main() -> None:
     vocab = int(base.config.vocab_size)
 
     def step(inputs) -> None:
-        loss, n = causal_lm_loss_sum(model, inputs["input_ids"], inputs["labels"], inputs["position_ids"])
+        # train.precision auto: bf16 autocast (peft's input casting off) when the compute dtype is bf16, as
+        # the Trainer's compute_loss does
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == torch.bfloat16),
+            disable_input_dtype_casting(model, active=compute == torch.bfloat16),
+        ):
+            loss, n = causal_lm_loss_sum(model, inputs["input_ids"], inputs["labels"], inputs["position_ids"])
         (loss / n).backward()
         with record_function("optimizer"):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -135,14 +145,17 @@ def main() -> None:
 
     for inputs in batches[:2]:
         step(inputs)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t = time.perf_counter()
         for inputs in batches[2:]:
             step(inputs)
         wall = (time.perf_counter() - t) / args.steps
     totals: dict[str, float] = collections.defaultdict(float)
+    by_op: dict[tuple[str, str], float] = collections.defaultdict(float)
     for event in prof.events():
-        totals[classify(event, adapter.r, vocab)] += event.self_cpu_time_total / 1e3 / args.steps  # ms a step
+        group = classify(event, adapter.r, vocab)
+        totals[group] += event.self_cpu_time_total / 1e3 / args.steps  # ms a step
+        by_op[(group, event.name)] += event.self_cpu_time_total / 1e3 / args.steps
     profiled = sum(totals.values())
 
     flops = model_flops_per_token(model, train)
@@ -164,6 +177,12 @@ def main() -> None:
         ("group", "ms / step", "% of step"),
         ((g, f"{totals.get(g, 0.0):.1f}", f"{totals.get(g, 0.0) / profiled:.1%}") for g in GROUPS),
     )
+    if args.top:
+        top = sorted(by_op.items(), key=lambda kv: -kv[1])
+        rows = [(g, op, f"{ms:.1f}") for g in GROUPS for (gg, op), ms in top if gg == g]
+        per_group = [r for g in GROUPS for r in [x for x in rows if x[0] == g][: args.top]]
+        print()
+        print_table(("group", "op", "ms / step"), per_group)
 
 
 if __name__ == "__main__":

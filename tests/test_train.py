@@ -431,3 +431,54 @@ def test_forgetting_budget_stops_and_checkpoints_at_that_step(tiny_model_dir, tm
         find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoints" / f"checkpoint-{result.steps}"
     )
     assert RunDir(tmp_path).read_summary()["stopped"] == result.stopped
+
+
+def test_cpu_head_chunks_stay_cache_sized(tiny_model_dir, monkeypatch):
+    """On the CPU the frozen head's chunks hold at most CPU_HEAD_CHUNK_BYTES of fp32 logits; same loss."""
+    import lora_dapt.model.loss as loss_mod
+
+    model, tok = qlora(tiny_model_dir, init_lora_weights=False)
+    ds = blocks(tok, [make_text(30, s) for s in range(4)], seq_len=48)
+    batch = {k: torch.tensor(ds[:2][k]) for k in ("input_ids", "labels", "position_ids")}
+    vocab = model.get_base_model().config.vocab_size
+    used = []
+    real = loss_mod._FrozenHeadCrossEntropy.apply
+    monkeypatch.setattr(loss_mod._FrozenHeadCrossEntropy, "apply", lambda *a: used.append(a[-1]) or real(*a))
+    with torch.no_grad():
+        whole = causal_lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+        monkeypatch.setattr(loss_mod, "CPU_HEAD_CHUNK_BYTES", 20 * 4 * vocab)  # 20 positions a chunk
+        chunked = causal_lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+    assert used == [whole[1], 20] and whole[1] > 40
+    assert chunked[1] == whole[1]
+    assert chunked[0].item() == pytest.approx(whole[0].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_bf16_autocast_runs_lora_matmuls_in_bf16_on_fp32_weights(tiny_model_dir, tmp_path, precision):
+    """train.precision auto with a bf16 compute dtype: the LoRA matmuls run in bf16 (no fp32 casts of their
+    input), the LoRA weights stay fp32 and learn; fp32 keeps peft's fp32 LoRA path."""
+    from lora_dapt.train.trainer import _precision_flags
+
+    model, tok = load_base_model(tiny_model_dir, quantization="nf4", compute_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = apply_lora(model, AdapterConfig(r=8, alpha=16, dropout=0.0, gradient_checkpointing=False))
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=2, precision=precision, save_every=0)
+    assert _precision_flags(model, cfg, "bfloat16") == {"bf16": precision == "auto", "fp16": False}
+    lora_a = model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"]
+    seen = []
+    hook = lora_a.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    before = lora_state(model)
+    ds = blocks(tok, [make_text(40, s) for s in range(8)])
+    continued_pretrain(model, tok, ds, cfg, eval_config=NO_EVAL)
+    hook.remove()
+    want = torch.bfloat16 if precision == "auto" else torch.float32
+    assert seen and set(seen) == {(want, want)}
+    after = lora_state(model)
+    assert all(p.dtype == torch.float32 for p in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # outside training (evaluation) peft's own casting is back: the fp32 LoRA path on a bf16 input works
+    with torch.no_grad():
+        loss_sum, n = causal_lm_loss_sum(
+            model, torch.tensor(ds[:1]["input_ids"]), torch.tensor(ds[:1]["labels"])
+        )
+    assert n > 0 and torch.isfinite(loss_sum)

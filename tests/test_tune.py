@@ -283,3 +283,29 @@ def test_cli_tune_end_to_end(knowing_model_dir, tmp_path, capsys):
     assert not (Path(cfg.train.output_dir) / "tune").exists()  # --output, not the default place
     assert "scores on the 4-bit base as trained" in (out / "results.md").read_text()
     assert TuneDir(out).read_plan()["plan"]["scored_on"] == "as_trained"
+
+
+def test_probe_blocks_are_a_seeded_sample_that_reaches_every_component():
+    """Packing stores the domain first and replay after it: probes sample the blocks (seeded), not the head."""
+    from datasets import Dataset
+
+    from lora_dapt.train.tune_grid import probe_blocks
+
+    ds = Dataset.from_dict({"i": list(range(200)), "part": ["domain"] * 180 + ["replay"] * 20})
+    probe = probe_blocks(ds, 40, seed=42)
+    assert len(probe) == 40 and len(set(probe["i"])) == 40
+    assert probe["i"] == sorted(probe["i"]) and probe["i"] != list(range(40))
+    assert probe["i"] == probe_blocks(ds, 40, seed=42)["i"]  # every trial and every rerun: the same blocks
+    assert probe["i"] != probe_blocks(ds, 40, seed=7)["i"]
+    assert "replay" in probe["part"] and "replay" not in ds.select(range(40))["part"]
+    assert probe_blocks(ds, 500, seed=42)["i"] == ds["i"]  # a budget past the set: all of it
+
+
+def test_forgetting_budget_order():
+    from lora_dapt.config import EvalConfig
+    from lora_dapt.train.tune_grid import DEFAULT_FORGETTING_BUDGET, forgetting_budget
+
+    with_eval = RunConfig(eval=EvalConfig(max_general_ppl_increase=0.1))
+    assert forgetting_budget(TuneConfig(max_general_ppl_increase=0.02), with_eval) == 0.02
+    assert forgetting_budget(TuneConfig(), with_eval) == 0.1
+    assert forgetting_budget(TuneConfig(), RunConfig()) == DEFAULT_FORGETTING_BUDGET == 0.05

@@ -33,6 +33,20 @@ LOSS_LOGITS_BUDGET = 256 * 2**20
 """Bytes of fp32 logits the loss may hold at once; above it, chunks are recomputed in the backward pass."""
 
 
+CPU_HEAD_CHUNK_BYTES = 24 * 2**20
+"""On the CPU, the frozen head's chunks hold at most this many bytes of fp32 logits: chunks that stay in the
+cache run its softmax and casts about 1.6x faster than 256 MiB ones (SmolLM2's 49K vocabulary: 128 rows)."""
+
+
+def cpu_head_chunk(vocab_size: int) -> int:
+    """Positions per chunk of the frozen head's loss on the CPU (:data:`CPU_HEAD_CHUNK_BYTES`, at least 16).
+
+    >>> cpu_head_chunk(49152), cpu_head_chunk(128256)
+    (128, 49)
+    """
+    return max(16, CPU_HEAD_CHUNK_BYTES // (4 * vocab_size))
+
+
 def loss_chunk_tokens(vocab_size: int) -> int:
     """Positions per loss chunk: at most LOSS_CHUNK_TOKENS, and few enough that a chunk's fp32 logits stay
     within a quarter of LOSS_LOGITS_BUDGET (a 128K vocabulary gets 128-token chunks)."""
@@ -156,6 +170,8 @@ def causal_lm_loss_sum(
     vocab = int(getattr(base.config, "vocab_size", 0) or head.weight.shape[0])
     chunk = loss_chunk_size(n, vocab)
     if _frozen_linear_head(head):
+        if h.device.type == "cpu":
+            chunk = min(chunk, cpu_head_chunk(vocab))
         return _FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, y, chunk), n
     if chunk >= n:
         return chunk_loss(h, y), n

@@ -6,8 +6,10 @@ continued_pretrain` (the training path of every run, into ``TUNE_DIR/trials/lr<L
 adapter off again (peft ``unload``), check that the base weights are bit-identical -> choose -> table, plot,
 chosen config.
 
-What makes trials comparable: every trial trains on the same first ``budget_tokens`` of the training blocks
-(one pass, the same seed, so the same order and the same LoRA init), with the run's schedule shape (warmup
+What makes trials comparable: every trial trains on the same ``budget_tokens`` of the training blocks, a
+sample drawn with train.seed (:func:`probe_blocks`: packed blocks are stored in packing order, so the first
+blocks would be a few documents, and replay or other mixture components, packed after the domain, would
+be missing), one pass, the same seed, so the same order and the same LoRA init, with the run's schedule shape (warmup
 as the same fraction of the steps, the same decay and floor), and is scored on the same capped number of
 held-out domain tokens and general-text tokens (``max_eval_tokens`` each), on the original 16-bit model with
 the trial's adapter attached (``score_on: original``, the default, loaded once: :mod:`.tune_score`) or on
@@ -47,7 +49,6 @@ from ..errors import ConfigError, DataError, TrainingError
 from ..rundir import RunDir
 from .tune_dir import TuneDir
 from .tune_grid import (
-    DEFAULT_FORGETTING_BUDGET,
     Trial,
     TrialResult,
     TuneConfig,
@@ -55,7 +56,9 @@ from .tune_grid import (
     budget_blocks,
     choose,
     chosen_run_config,
+    forgetting_budget,
     make_grid,
+    probe_blocks,
     warmup_share,
 )
 from .tune_score import TrialScorer
@@ -140,12 +143,10 @@ def run_trials(
     seq_len = len(corpus.train[0]["input_ids"])
     trials = make_grid(config, options, seq_len)
     n_blocks = budget_blocks(config, options, trials, len(corpus.train), seq_len)
-    train_ds = corpus.train.select(range(n_blocks))
+    train_ds = probe_blocks(corpus.train, n_blocks, config.train.seed)
     warmup = warmup_share(config, len(corpus.train), seq_len)
     eval_cfg = EvalConfig(max_eval_tokens=options.max_eval_tokens, batch_size=config.eval.batch_size)
-    budget = (
-        options.max_general_ppl_increase or config.eval.max_general_ppl_increase or DEFAULT_FORGETTING_BUDGET
-    )
+    budget = forgetting_budget(options, config)
     out = Path(options.output_dir) if options.output_dir else RunDir(config.train.output_dir).tune_dir
     if source is None:
         from ..model.load import ModelSource

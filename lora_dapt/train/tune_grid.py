@@ -12,6 +12,8 @@ import signal
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from .._sections import Section, positive
 from ..config import RunConfig
 from ..errors import ConfigError
@@ -240,6 +242,42 @@ def budget_blocks(
             n_train,
         )
     return max(1, min(wanted, n_train))
+
+
+def forgetting_budget(options: TuneConfig, config: RunConfig) -> float:
+    """The budget the choice applies: the tune option, else eval.max_general_ppl_increase, else
+    :data:`DEFAULT_FORGETTING_BUDGET`.
+
+    >>> from lora_dapt.config import EvalConfig
+    >>> forgetting_budget(TuneConfig(max_general_ppl_increase=0.02), RunConfig(eval=EvalConfig(max_general_ppl_increase=0.1)))
+    0.02
+    >>> forgetting_budget(TuneConfig(), RunConfig(eval=EvalConfig(max_general_ppl_increase=0.1)))
+    0.1
+    >>> forgetting_budget(TuneConfig(), RunConfig())
+    0.05
+    """
+    for budget in (options.max_general_ppl_increase, config.eval.max_general_ppl_increase):
+        if budget is not None:
+            return budget
+    return DEFAULT_FORGETTING_BUDGET
+
+
+def probe_blocks(train: Any, n_blocks: int, seed: int) -> Any:
+    """The ``n_blocks`` training blocks every trial trains on: a sample drawn with ``seed`` (a
+    ``datasets.Dataset`` view), not the first blocks, which packing order fills with a few documents and
+    which hold no replay or other mixture component (those are packed after the domain).
+
+    >>> import datasets
+    >>> ds = datasets.Dataset.from_dict({"i": list(range(100))})
+    >>> probe = probe_blocks(ds, 10, seed=42)
+    >>> len(probe), probe["i"] == probe_blocks(ds, 10, seed=42)["i"], probe["i"] == list(range(10))
+    (10, True, False)
+    """
+    n = min(n_blocks, len(train))
+    if n >= len(train):
+        return train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return train.select(sorted(int(i) for i in order))
 
 
 def forgetting_of(row: TrialResult, base: dict[str, Any]) -> float | None:
