@@ -245,19 +245,10 @@ def score_adapter(base: Path, adapter: Path | None, sets: dict[str, list[list[in
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_lora_dapt(
-    base: Path,
-    train_paths: list[str],
-    eval_paths: list[str],
-    overrides: dict,
-    budget: int,
-    seq: int,
-    out: Path,
-    validation: Path,
-) -> tuple[Path, float]:
+def run_lora_dapt(raw: dict) -> tuple[Path, float]:
+    """One lora_dapt run of the config :func:`raw_config` built: its adapter and its training tokens/s."""
     import lora_dapt as ld
 
-    raw = raw_config(base, train_paths, eval_paths, overrides, budget, seq, out, validation)
     result = ld.run(ld.RunConfig.from_dict(raw))
     return Path(result.adapter_dir), float(result.tokens_per_s)
 
@@ -461,9 +452,10 @@ def main() -> None:
                 args.tune_tokens,
             )
         else:
-            adapter, tps = run_lora_dapt(
+            raw = raw_config(
                 base, train_paths, eval_paths, VARIANTS[name], args.budget, args.seq_len, out, validation
             )
+            adapter, tps = run_lora_dapt(raw)
         after = score_adapter(base, adapter, sets)
         gc.collect()
         row = {

@@ -99,9 +99,10 @@ def test_plan_ddp_global_batch_multiplies():
     assert (four.seq_len, four.micro_batch_size) == (one.seq_len, one.micro_batch_size)
     micro = one.seq_len * one.micro_batch_size
     assert one.gradient_accumulation_steps == 32768 // micro
-    assert four.gradient_accumulation_steps == 32768 // (4 * micro)
+    assert four.gradient_accumulation_steps == max(1, 32768 // (4 * micro))  # at least one micro-step
+    acc = four.gradient_accumulation_steps
     assert four.notes[-1].startswith(
-        f"gradient accumulation {four.gradient_accumulation_steps}: 32,768 tokens"
+        f"gradient accumulation {acc}: {acc * 4 * micro:,} tokens per optimizer step (4 GPUs x {micro:,})"
     )
 
 
