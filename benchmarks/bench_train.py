@@ -8,7 +8,8 @@ both sides alike; the table reports the median of the per-pair ratios.
    data, ``seq_len`` and the token budget are set (QLoRA NF4, compute dtype auto, its packing, chunked loss,
    batch, schedule and checkpointing choice) -- vs the usual recipe (issue 15): the base in bf16 (fp32 where
    bf16 is emulated), tokenize, ``group_texts``, ``Trainer`` with peft's ``get_peft_model``, batch 4, LoRA
-   r=16 alpha=32 dropout 0.05 on all linear layers, AdamW lr 2e-4 cosine with 5% warmup. Target >= 1.3.
+   r=16 alpha=32 dropout 0.05 (``--dropout``) on all linear layers, AdamW lr 2e-4 cosine with 5% warmup.
+   Target >= 1.3.
 2. Many short documents: lora_dapt's packed blocks vs padded batches (each batch padded to its longest
    document, the usual ``DataCollatorForLanguageModeling`` layout), same recipe otherwise. Target >= 1.5.
 

@@ -3,7 +3,8 @@ matmuls, LoRA, attention, the loss, the optimizer and the rest, with torch.profi
 
 The step is what lora_dapt's Trainer runs (``causal_lm_loss_sum`` forward and backward on packed blocks of
 the standard library's sources, gradient clipping, AdamW), with the library's defaults: NF4, compute dtype
-auto, LoRA r=16 on all linear layers, batch 4, checkpointing as ``adapter.gradient_checkpointing: auto``
+auto (bf16 autocast around the loss when it is bf16, as ``train.precision: auto``), LoRA r=16 on all
+linear layers without dropout, batch 4, checkpointing as ``adapter.gradient_checkpointing: auto``
 chooses (``--checkpointing on|off`` forces it). Every profiled op's SELF time goes to one group:
 
 * NF4 dequantization: bitsandbytes' ``dequantize_4bit`` / ``dequantize_blockwise`` and the ops under them;
@@ -18,6 +19,7 @@ Next to the measured time, each group's model FLOPs (``lora_dapt.train.flops``) 
 
     python benchmarks/profile_step.py                      # 2 warm-up steps, 3 profiled; under a minute
     python benchmarks/profile_step.py --checkpointing on   # the recompute's cost
+    python benchmarks/profile_step.py --top 6              # and the 6 costliest ops of each group
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     from peft.helpers import disable_input_dtype_casting
-    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     from lora_dapt.cli.quickstart import smollm2_gguf
     from lora_dapt.config import AdapterConfig, TrainConfig
@@ -145,7 +147,7 @@ def main() -> None:
 
     for inputs in batches[:2]:
         step(inputs)
-    with torch.profiler.profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t = time.perf_counter()
         for inputs in batches[2:]:
             step(inputs)

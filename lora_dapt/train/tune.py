@@ -9,8 +9,8 @@ chosen config.
 What makes trials comparable: every trial trains on the same ``budget_tokens`` of the training blocks, a
 sample drawn with train.seed (:func:`probe_blocks`: packed blocks are stored in packing order, so the first
 blocks would be a few documents, and replay or other mixture components, packed after the domain, would
-be missing), one pass, the same seed, so the same order and the same LoRA init, with the run's schedule shape (warmup
-as the same fraction of the steps, the same decay and floor), and is scored on the same capped number of
+be missing), in one pass with the same seed (so the same order and the same LoRA init), with the run's
+schedule shape (warmup as the same fraction of the steps, the same decay and floor), and is scored on the same capped number of
 held-out domain tokens and general-text tokens (``max_eval_tokens`` each), on the original 16-bit model with
 the trial's adapter attached (``score_on: original``, the default, loaded once: :mod:`.tune_score`) or on
 the 4-bit base as trained (``score_on: as_trained``, or when the original does not fit).
