@@ -105,7 +105,6 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from peft.helpers import disable_input_dtype_casting
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from lora_dapt.cli.quickstart import smollm2_gguf
@@ -114,6 +113,7 @@ def main() -> None:
     from lora_dapt.model.lora import apply_lora, use_cpu_dropout
     from lora_dapt.model.loss import causal_lm_loss_sum
     from lora_dapt.train.flops import matmul_peak, model_flops_per_token
+    from lora_dapt.train.trainer import loss_autocast
 
     batch = args.batch or TrainConfig().batch_size
     directory, gguf = smollm2_gguf()
@@ -132,12 +132,8 @@ def main() -> None:
     vocab = int(base.config.vocab_size)
 
     def step(inputs) -> None:
-        # train.precision auto: bf16 autocast (peft's input casting off) when the compute dtype is bf16, as
-        # the Trainer's compute_loss does
-        with (
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == torch.bfloat16),
-            disable_input_dtype_casting(model, active=compute == torch.bfloat16),
-        ):
+        # train.precision auto: bf16 autocast when the compute dtype is bf16, as the Trainer's compute_loss
+        with loss_autocast(model, torch.bfloat16 if compute == torch.bfloat16 else None, "cpu"):
             loss, n = causal_lm_loss_sum(model, inputs["input_ids"], inputs["labels"], inputs["position_ids"])
         (loss / n).backward()
         with record_function("optimizer"):

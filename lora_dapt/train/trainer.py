@@ -117,7 +117,8 @@ class DAPTTrainer(Trainer):
 
     # -- loss ------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
-        with _autocast(self.args, model, inputs["input_ids"].device):
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        with loss_autocast(model, dtype, inputs["input_ids"].device.type):
             loss_sum, n = causal_lm_loss_sum(
                 model, inputs["input_ids"], inputs["labels"], inputs.get("position_ids")
             )
@@ -418,20 +419,20 @@ class _SignalGuard:
 
 
 @contextlib.contextmanager
-def _autocast(args: TrainingArguments, model: Any, device: torch.device) -> Iterator[None]:
-    """Autocast for train.precision bf16 / fp16 around the loss (the decoder and the head).
+def loss_autocast(model: Any, dtype: torch.dtype | None, device_type: str) -> Iterator[None]:
+    """Autocast in ``dtype`` around the loss (the decoder and the head): what train.precision bf16 / fp16
+    means (None: nothing changes).
 
     The Trainer's own autocast wraps ``model.forward``, which :func:`causal_lm_loss_sum` does not call. peft
     would still cast every LoRA input to the fp32 weights' dtype and the output back (its check,
     ``torch.is_autocast_enabled()``, sees CUDA's autocast only), so its input casting is off inside: the LoRA
     matmuls then run in the autocast dtype on the fp32 weights, as the base's do."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     if dtype is None:
         yield
         return
     from peft.helpers import disable_input_dtype_casting
 
-    with torch.autocast(device.type, dtype=dtype), disable_input_dtype_casting(model):
+    with torch.autocast(device_type, dtype=dtype), disable_input_dtype_casting(model):
         yield
 
 
@@ -445,13 +446,11 @@ def _precision_flags(model: Any, cfg: TrainConfig, compute_dtype: str | None = N
     on_cuda = next(model.parameters()).device.type == "cuda"
     if precision == "auto":
         dtype = getattr(model, "dtype", torch.float32)
-        if compute_dtype == "bfloat16" or (compute_dtype is None and dtype == torch.bfloat16):
-            precision = "bf16"
-        elif not on_cuda:
-            precision = "fp32"
-        elif compute_dtype == "bfloat16" or dtype == torch.bfloat16:
-            precision = "bf16"
-        elif compute_dtype == "float16" or dtype == torch.float16:
+        bf16 = compute_dtype == "bfloat16" or dtype == torch.bfloat16
+        fp16 = compute_dtype == "float16" or dtype == torch.float16
+        if bf16 and (on_cuda or compute_dtype in (None, "bfloat16")):
+            precision = "bf16"  # on the CPU only when the compute dtype itself is bf16 (or unknown)
+        elif fp16 and on_cuda:
             precision = "fp16"
         else:
             precision = "fp32"
