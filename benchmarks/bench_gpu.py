@@ -15,11 +15,13 @@ Anchor: torchtune's README reports Llama-3.1-8B QLoRA at 7.4 GiB and 2,413 token
     python benchmarks/bench_gpu.py                # 1B, 3B, 8B; under 8 minutes on one 24 GB+ GPU
     python benchmarks/bench_gpu.py --cpu-check    # the same code path on the CPU at a tiny size
     python benchmarks/bench_gpu.py --ddp --fsdp [--model smollm2]  # 2 GPUs vs 1 (benchmarks/bench_ddp.py)
+    python benchmarks/bench_gpu.py --quick --compile  # 1B eager vs torch.compile'd (train.compile=true)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import time
 import warnings
@@ -96,12 +98,24 @@ def _save_placeholder_tokenizer(d: str) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(d)
 
 
-def run_size(name: str, config: dict, device: str, seq_len: int, batch: int, steps: int, peak: float) -> dict:
+def run_size(
+    name: str,
+    config: dict,
+    device: str,
+    seq_len: int,
+    batch: int,
+    steps: int,
+    peak: float,
+    *,
+    compiled: bool = False,
+) -> dict:
+    """One size's timed steps; ``compiled``: decoder layers and loss torch.compile'd as train.compile=true."""
     from lora_dapt.config import AdapterConfig
     from lora_dapt.model.lora import apply_lora
     from lora_dapt.model.loss import causal_lm_loss_sum
     from lora_dapt.planning.memory import estimate_memory
     from lora_dapt.planning.shapes import model_shape
+    from lora_dapt.train.compile import compiled_layers
 
     shape = model_shape(config)
     model = build_quantized(config, device)
@@ -121,13 +135,15 @@ def run_size(name: str, config: dict, device: str, seq_len: int, batch: int, ste
     pos = torch.arange(seq_len) % (seq_len // 4)
     pos = pos.expand(batch, seq_len).to(device)
     times = []
+    layers = compiled_layers(model) if compiled else contextlib.nullcontext()
+    layers.__enter__()
     for step in range(steps + 2):
         ids = torch.randint(0, vocab, (batch, seq_len), device=device)
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss, n_tok = causal_lm_loss_sum(model, ids, ids.clone(), pos)
+            loss, n_tok = causal_lm_loss_sum(model, ids, ids.clone(), pos, compiled_head=compiled)
         (loss / n_tok).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -135,6 +151,7 @@ def run_size(name: str, config: dict, device: str, seq_len: int, batch: int, ste
             torch.cuda.synchronize()
         if step >= 2:
             times.append(time.perf_counter() - t)
+    layers.__exit__(None, None, None)
     tok_s = batch * seq_len / (sum(times) / len(times))
     peak_mem = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     est = estimate_memory(
@@ -158,7 +175,7 @@ def run_size(name: str, config: dict, device: str, seq_len: int, batch: int, ste
     if device == "cuda":
         torch.cuda.empty_cache()
     return {
-        "name": name,
+        "name": f"{name}{' compiled' if compiled else ''}",
         "params": n,
         "tok_s": tok_s,
         "peak": peak_mem,
@@ -266,6 +283,11 @@ def main() -> None:
     ap.add_argument("--ddp", action="store_true", help="2 GPUs, DDP (torchrun) vs 1 GPU: losses and tokens/s")
     ap.add_argument("--fsdp", action="store_true", help="2 GPUs, FSDP-QLoRA (accelerate) vs 1 GPU")
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help="for --ddp / --fsdp")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="each size eager and then torch.compile'd (train.compile=true; 'auto' is eager on CUDA)",
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.ddp or args.fsdp:  # benchmarks/bench_ddp.py: exits with a message without 2 GPUs
@@ -300,9 +322,11 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"{gpu}: measured matmul peak {peak / 1e12:.2f} TFLOP/s; seq {seq}, batch {args.batch}, NF4, r=16")
     rows = []
-    for name, cfg in runs:
+    for (name, cfg), compiled in [
+        (run, c) for run in runs for c in ((False, True) if args.compile else (False,))
+    ]:
         t = time.perf_counter()
-        r = run_size(name, cfg, device, seq, args.batch, steps, peak)
+        r = run_size(name, cfg, device, seq, args.batch, steps, peak, compiled=compiled)
         rows.append(r)
         print(
             f"  {name}: {r['tok_s']:.0f} tok/s, {time.perf_counter() - t:.0f} s, loss {r['loss']:.2f}",

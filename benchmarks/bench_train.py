@@ -6,7 +6,9 @@ both sides alike; the table reports the median of the per-pair ratios.
 
 1. Same tokens (``--seq-len`` blocks of long documents): lora_dapt as a user gets it -- only the model, the
    data, ``seq_len`` and the token budget are set (QLoRA NF4, compute dtype auto, its packing, chunked loss,
-   batch, schedule and checkpointing choice) -- vs the usual recipe (issue 15): the base in bf16 (fp32 where
+   batch, schedule, checkpointing and compile choices; the budget is ``--run-tokens``, 2M tokens as for a
+   real corpus, so ``train.compile: auto`` compiles, and the benchmark stops the run after ``--steps``) --
+   vs the usual recipe (issue 15): the base in bf16 (fp32 where
    bf16 is emulated), tokenize, ``group_texts``, ``Trainer`` with peft's ``get_peft_model``, batch 4, LoRA
    r=16 alpha=32 dropout 0.05 (``--dropout``) on all linear layers, AdamW lr 2e-4 cosine with 5% warmup.
    Target >= 1.3.
@@ -169,11 +171,36 @@ def _timing_callback():
     return Timing
 
 
+def _stop_after(steps: int):
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        """Ends training after ``steps`` optimizer steps, whatever the run's own length."""
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= steps:
+                control.should_training_stop = True
+
+    return StopAfter()
+
+
 def run_lora_dapt(
-    model_dir: Path, texts: list[str], seq_len: int, steps: int, work: Path, peak: float
+    model_dir: Path,
+    texts: list[str],
+    seq_len: int,
+    steps: int,
+    work: Path,
+    peak: float,
+    *,
+    run_tokens: int | None = None,
+    compile: bool | str = "auto",
 ) -> dict:
     """lora_dapt end to end with its defaults: prepare_corpus -> load_base_model -> apply_lora ->
-    continued_pretrain; only the model, the data, seq_len and the token budget are set."""
+    continued_pretrain; only the model, the data, seq_len and the token budget are set.
+
+    ``run_tokens``: the run's token budget as a user would set it for a real corpus (what the schedule and
+    ``train.compile: auto`` decide on); the benchmark stops the run after ``steps`` optimizer steps. None: a
+    budget of exactly ``steps`` steps. ``compile``: train.compile (the default 'auto', or forced)."""
     from lora_dapt.config import AdapterConfig, DataConfig, EvalConfig, TrainConfig
     from lora_dapt.data.corpus import prepare_corpus
     from lora_dapt.model.load import load_base_model
@@ -192,9 +219,13 @@ def run_lora_dapt(
     timing = _timing_callback()(
         lambda st: st.global_step * batch * seq_len * (1 - pad), lambda st: st.num_input_tokens_seen
     )
-    cfg = TrainConfig(output_dir=str(work / f"ld-{time.time_ns()}"), max_tokens=steps * batch * seq_len)
+    cfg = TrainConfig(
+        output_dir=str(work / f"ld-{time.time_ns()}"),
+        max_tokens=run_tokens or steps * batch * seq_len,
+        compile=compile,
+    )
     res = continued_pretrain(
-        model, tok, corpus, cfg, eval_config=EvalConfig(enabled=False), callbacks=[timing]
+        model, tok, corpus, cfg, eval_config=EvalConfig(enabled=False), callbacks=[timing, _stop_after(steps)]
     )
     flops = model_flops_per_token(model, corpus.train)
     checkpointing = bool(getattr(model.get_base_model(), "is_gradient_checkpointing", False))
@@ -208,7 +239,8 @@ def run_lora_dapt(
         "padding": pad,
         "flops": flops.total,
         "mfu": targets * flops.total / peak,
-        "setup": f"nf4 batch {batch}, checkpointing {'on' if checkpointing else 'off'}",
+        "setup": f"nf4 batch {batch}, checkpointing {'on' if checkpointing else 'off'}, "
+        f"compile {'on' if res.compiled else 'off'}",
     }
 
 
@@ -377,6 +409,16 @@ def main() -> None:
     )
     ap.add_argument("--only", choices=["same", "short"], default=None, help="run one comparison only")
     ap.add_argument("--dropout", type=float, default=LORA["dropout"], help="the recipe's LoRA dropout")
+    ap.add_argument(
+        "--run-tokens",
+        type=int,
+        default=2_000_000,
+        help="lora_dapt's token budget, as for a real corpus (its schedule and train.compile=auto decide on "
+        "it); the benchmark stops it after --steps steps. 0: a budget of --steps steps",
+    )
+    ap.add_argument(
+        "--compile", choices=["auto", "on", "off"], default="auto", help="lora_dapt's train.compile"
+    )
     args = ap.parse_args()
     LORA["dropout"] = args.dropout
     logging.basicConfig(level=logging.WARNING)
@@ -421,7 +463,14 @@ def main() -> None:
             for side in order:
                 if side == "ld":
                     got[side] = run_lora_dapt(
-                        model_dir, docs, args.seq_len, args.steps, work, peak.flops_per_s
+                        model_dir,
+                        docs,
+                        args.seq_len,
+                        args.steps,
+                        work,
+                        peak.flops_per_s,
+                        run_tokens=args.run_tokens or None,
+                        compile={"auto": "auto", "on": True, "off": False}[args.compile],
                     )
                 else:
                     got[side] = run_hand_written(

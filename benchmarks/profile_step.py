@@ -5,21 +5,25 @@ The step is what lora_dapt's Trainer runs (``causal_lm_loss_sum`` forward and ba
 the standard library's sources, gradient clipping, AdamW), with the library's defaults: NF4, compute dtype
 auto (bf16 autocast around the loss when it is bf16, as ``train.precision: auto``), LoRA r=16 on all
 linear layers without dropout, batch 4, checkpointing as ``adapter.gradient_checkpointing: auto``
-chooses (``--checkpointing on|off`` forces it). Every profiled op's SELF time goes to one group:
+chooses (``--checkpointing on|off`` forces it), and the decoder layers and the loss torch.compile'd as
+``train.compile: auto`` does for a run of more than a few minutes (``--compile off``: eager). Every profiled op's SELF time goes to one group:
 
 * NF4 dequantization: bitsandbytes' ``dequantize_4bit`` / ``dequantize_blockwise`` and the ops under them;
 * attention: SDPA forward and backward (and the varlen/flex kernels on CUDA);
-* loss: ops on a ``vocab``-wide operand (the head's matmuls, log-softmax and its gradient);
+* loss: ops on a ``vocab``-wide operand or under the frozen head's loss (the head's matmuls, log-softmax
+  and its gradient, compiled or not);
 * LoRA: matmuls with a rank-``r`` operand (A and B, forward and backward);
 * base matmuls: every other matmul (the frozen 4-bit layers, forward, recompute and input gradients);
 * optimizer: everything under ``optimizer`` (clipping, AdamW, zeroing the gradients);
-* other: norms, rotary embeddings, activations, dropout masks, copies and casts.
+* other: norms, rotary embeddings, activations, dropout masks, copies and casts (compiled: the fused
+  kernels of the layers' graphs).
 
 Next to the measured time, each group's model FLOPs (``lora_dapt.train.flops``) give its rate.
 
     python benchmarks/profile_step.py                      # 2 warm-up steps, 3 profiled; under a minute
     python benchmarks/profile_step.py --checkpointing on   # the recompute's cost
     python benchmarks/profile_step.py --top 6              # and the 6 costliest ops of each group
+    python benchmarks/profile_step.py --compile off        # eager, as a short run
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def classify(event, rank: int, vocab: int) -> str:
     if any("scaled_dot_product" in n.lower() or "flash_attention" in n.lower() or "flex" in n for n in chain):
         return "attention"
     dims = _dims(event)
-    if vocab in dims:
+    if vocab in dims or "_FrozenHeadCrossEntropy" in chain:  # the head's ops, compiled ones included
         return "loss"
     if event.name in MATMULS:
         return "LoRA" if rank in dims else "base matmuls"
@@ -96,6 +100,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="blocks per step (default: train.batch_size's)")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up steps)")
     ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--compile", choices=["on", "off"], default="on", help="as train.compile chooses")
     ap.add_argument(
         "--top", type=int, default=0, help="also list the N ops with the most self time in each group"
     )
@@ -112,6 +117,7 @@ def main() -> None:
     from lora_dapt.model.load import load_base_model
     from lora_dapt.model.lora import apply_lora, use_cpu_dropout
     from lora_dapt.model.loss import causal_lm_loss_sum
+    from lora_dapt.train.compile import compiled_layers
     from lora_dapt.train.flops import matmul_peak, model_flops_per_token
     from lora_dapt.train.trainer import loss_autocast
 
@@ -134,13 +140,18 @@ def main() -> None:
     def step(inputs) -> None:
         # train.precision auto: bf16 autocast when the compute dtype is bf16, as the Trainer's compute_loss
         with loss_autocast(model, torch.bfloat16 if compute == torch.bfloat16 else None, "cpu"):
-            loss, n = causal_lm_loss_sum(model, inputs["input_ids"], inputs["labels"], inputs["position_ids"])
+            loss, n = causal_lm_loss_sum(
+                model, inputs["input_ids"], inputs["labels"], inputs["position_ids"], compiled_head=compiled
+            )
         (loss / n).backward()
         with record_function("optimizer"):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    compiled = args.compile == "on"
+    if compiled:
+        compiled_layers(model).__enter__()  # for the rest of the process
     for inputs in batches[:2]:
         step(inputs)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -162,7 +173,7 @@ def main() -> None:
     achieved = flops.total * tokens / wall
     print(
         f"SmolLM2-135M QLoRA NF4 ({str(compute).removeprefix('torch.')} compute), seq {args.seq_len}, batch {batch}, "
-        f"r={adapter.r}, checkpointing {'on' if checkpointing else 'off'} ({args.checkpointing}); "
+        f"r={adapter.r}, checkpointing {'on' if checkpointing else 'off'} ({args.checkpointing}), compile {args.compile}; "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     print(

@@ -306,6 +306,10 @@ class TrainConfig(Section):
     precision: Precision = "auto"
     """'auto' follows the model's compute dtype (bf16 autocast when it is bfloat16, on the CPU too); 'bf16',
     'fp16' (autocast with loss scaling, CUDA only) or 'fp32'. The LoRA weights stay fp32 either way."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the decoder layers and the loss for training (evaluations stay eager). 'auto': on the CPU
+    when the run is long enough to repay the compile (about half a minute once; SmolLM2 steps ~1.5x faster
+    here, BENCHMARKS.md), with a working C++ compiler; off on CUDA, where it was not measured (true tries it)."""
     logging_every: int = 1
     """Write a metrics row every this many optimizer steps."""
     save_every: int = 0

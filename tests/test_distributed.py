@@ -149,6 +149,16 @@ def test_torchrun_matches_one_process(reference, tiny_model_dir):
     assert len(seen) == BLOCKS and set(seen.values()) == {1}
 
 
+def test_torchrun_with_compiled_layers_matches_one_eager_process(reference, tiny_model_dir):
+    """train.compile=true under DDP: each rank compiles its layers; the run is still the one-process run."""
+    tmp = reference.parent
+    cfg = _config(tmp, tiny_model_dir, "two-compiled", accumulation=1, compile=True)
+    _launch(_torchrun(tmp / "blocks-compiled", 0, "train", str(cfg)))
+    _assert_same_run(tmp / "two-compiled", reference)
+    assert RunDir(tmp / "two-compiled").read_summary()["compiled"] is True
+    assert RunDir(reference).read_summary()["compiled"] is False
+
+
 def test_accelerate_launch_matches_one_process(reference, tiny_model_dir):
     """`accelerate launch --multi_gpu --num_processes 2` runs torchrun underneath; without CUDA the ranks
     train on the CPU over gloo and must reproduce one process with accumulation 2 exactly."""

@@ -422,7 +422,7 @@ def test_loss_sum_under_no_grad_equals_cross_entropy_of_the_logits(tiny_model_di
         monkeypatch.setattr(loss_mod, "loss_chunk_tokens", lambda vocab: 7)
     fused = []
     real = loss_mod._FrozenHeadCrossEntropy.apply
-    monkeypatch.setattr(loss_mod._FrozenHeadCrossEntropy, "apply", lambda *a: fused.append(a[-1]) or real(*a))
+    monkeypatch.setattr(loss_mod._FrozenHeadCrossEntropy, "apply", lambda *a: fused.append(a[4]) or real(*a))
     torch.manual_seed(1)
     ids = torch.randint(3, 300, (3, 20))
     labels = ids.clone()

@@ -303,7 +303,7 @@ def test_frozen_head_loss_gradients_equal_autograd(tiny_model_dir, monkeypatch, 
         monkeypatch.setattr(train_mod, "loss_chunk_tokens", lambda vocab: 7)
     used = []
     real = train_mod._FrozenHeadCrossEntropy.apply
-    monkeypatch.setattr(train_mod._FrozenHeadCrossEntropy, "apply", lambda *a: used.append(a[-1]) or real(*a))
+    monkeypatch.setattr(train_mod._FrozenHeadCrossEntropy, "apply", lambda *a: used.append(a[4]) or real(*a))
 
     def loss_and_grads():
         model.zero_grad()
@@ -443,7 +443,7 @@ def test_cpu_head_chunks_stay_cache_sized(tiny_model_dir, monkeypatch):
     vocab = model.get_base_model().config.vocab_size
     used = []
     real = loss_mod._FrozenHeadCrossEntropy.apply
-    monkeypatch.setattr(loss_mod._FrozenHeadCrossEntropy, "apply", lambda *a: used.append(a[-1]) or real(*a))
+    monkeypatch.setattr(loss_mod._FrozenHeadCrossEntropy, "apply", lambda *a: used.append(a[4]) or real(*a))
     with torch.no_grad():
         whole = causal_lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"])
         monkeypatch.setattr(loss_mod, "CPU_HEAD_CHUNK_BYTES", 20 * 4 * vocab)  # 20 positions a chunk

@@ -22,7 +22,8 @@ packed batch goes to one variable-length kernel fed with the documents' cumulati
 (:func:`cu_seqlens`): flash-attn's ``flash_attn_varlen_func`` when installed, else PyTorch's own
 ``torch.nn.attention.varlen.varlen_attn`` (both need fp16/bf16 and no attention dropout), else flex
 attention with a document mask (any dtype; compiled on CUDA), else the loop. The choice is logged once per
-loaded model (:func:`pick_attention`).
+loaded model (:func:`pick_attention`). Inside torch.compile'd layers (``train.compile``) the attention runs
+eagerly: a graph per document length would recompile without end.
 """
 
 from __future__ import annotations
@@ -215,6 +216,7 @@ def packed_attention_kwargs(model: Any) -> dict[str, Any]:
     return {SPAN_CACHE_KWARG: SpanCache()}
 
 
+@torch.compiler.disable  # runs eagerly inside compiled layers (train.compile): a shape per document
 def packed_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -16,6 +16,7 @@ logits (soft-capping, scaling) go through their own forward, which is always rig
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -71,6 +72,23 @@ def _supports_hidden_state_loss(base: Any) -> bool:
     return True
 
 
+def _head_chunk(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, gradient w.r.t. ``hidden``) of one chunk of the frozen head's loss, in one function so that
+    torch.compile fuses its log-softmax, exp, one-hot and casts into one pass over the logits."""
+    logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
+    nll = -logp.gather(1, targets[:, None]).sum()
+    probs = logp.exp() - F.one_hot(targets, logp.shape[-1]).to(logp.dtype)
+    return nll, probs.to(weight.dtype) @ weight
+
+
+@functools.cache
+def _compiled_head_chunk() -> Any:
+    # one compile per process; chunks have two shapes (full and the remainder), so no dynamic shapes
+    return torch.compile(_head_chunk, dynamic=False)
+
+
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, for a frozen output head.
 
@@ -81,10 +99,17 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, targets, chunk, compiled=False):  # noqa: D102
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(hidden) if need_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        if compiled and need_grad:
+            fused = _compiled_head_chunk()
+            for i in range(0, hidden.shape[0], chunk):
+                nll, grad[i : i + chunk] = fused(hidden[i : i + chunk], weight, bias, targets[i : i + chunk])
+                total += nll
+            ctx.save_for_backward(grad)
+            return total
         for i in range(0, hidden.shape[0], chunk):
             y = targets[i : i + chunk]
             logp = torch.log_softmax(F.linear(hidden[i : i + chunk], weight, bias).float(), dim=-1)
@@ -100,7 +125,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None
 
 
 def _frozen_linear_head(head: Any) -> bool:
@@ -113,7 +138,12 @@ def _frozen_linear_head(head: Any) -> bool:
 
 
 def causal_lm_loss_sum(
-    model: Any, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    model: Any,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    compiled_head: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over positions whose target label is not -100, and their count.
 
@@ -131,7 +161,8 @@ def causal_lm_loss_sum(
     forward pass, chunk by chunk, and keeps no logits at all; a trainable or wrapped head keeps autograd's
     own path, with each chunk recomputed in the backward pass (a second pass through the head, which is why
     small batches skip chunking). Heads that post-process logits (soft-capping, scaling) go through the
-    model's own forward.
+    model's own forward. ``compiled_head`` (training with ``train.compile``) runs each chunk of the frozen
+    head's loss through one torch.compile'd function (:func:`_head_chunk`; the first call compiles it).
 
     Example::
 
@@ -172,7 +203,7 @@ def causal_lm_loss_sum(
     if _frozen_linear_head(head):
         if h.device.type == "cpu":
             chunk = min(chunk, cpu_head_chunk(vocab))
-        return _FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, y, chunk), n
+        return _FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, y, chunk, compiled_head), n
     if chunk >= n:
         return chunk_loss(h, y), n
     total = h.new_zeros((), dtype=torch.float32)

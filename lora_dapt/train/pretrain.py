@@ -24,6 +24,7 @@ checks, Ctrl-C / SIGTERM handling. The run directory is :class:`~lora_dapt.rundi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -38,6 +39,7 @@ from ..model.load import ModelSource
 from ..model.vocab import embedding_layers_to_save
 from ..rundir import Resume, RunDir
 from . import distributed
+from .compile import choose_for_run, compiled_layers, eager
 from .evaluation import RunEvaluation, run_general_texts
 from .resume_config import (
     ApplyCurrentSchedule,
@@ -49,7 +51,7 @@ from .resume_config import (
 )
 from .schedule import total_optimizer_steps
 from .trackers import Trackers, check_trackers
-from .trainer import DAPTTrainer, RunState, _SignalGuard, build_trainer
+from .trainer import DAPTTrainer, Evaluator, RunState, _SignalGuard, build_trainer
 
 log = logging.getLogger("lora_dapt")
 
@@ -101,6 +103,8 @@ class TrainResult:
     """Where the peak came from: 'cached: <key>' or 'measured: <key>', or why there is none."""
     mfu: float | None = None
     """Model FLOPs utilisation: achieved_tflops / peak_tflops."""
+    compiled: bool = False
+    """Whether this session trained with torch.compile'd layers and loss (train.compile)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,6 +263,13 @@ def _train(
 
         # -- fit ---------------------------------------------------------------------------------------
         state.phase = "training"
+        steps_left = total_steps - (resume.step if resume else 0)
+        glob = distributed.global_batch(cfg.batch_size, cfg.gradient_accumulation_steps, world)
+        compiled = choose_for_run(
+            cfg.compile, model, train_ds, steps_left * glob * seq_len, source.compute_dtype
+        )
+        if distributed.is_main():
+            log.info(compiled.reason)
         trainer = build_trainer(
             model,
             train_ds,
@@ -267,12 +278,14 @@ def _train(
             state,
             total_steps=total_steps,
             compute_dtype=source.compute_dtype,
-            evaluate=evaluation.during if eval_cfg.enabled else None,
+            evaluate=_evaluator(evaluation, eval_cfg, compiled=compiled.enabled),
             callbacks=[ApplyCurrentSchedule(cfg), *(callbacks or [])],
             tokens_start=resume.tokens if resume else 0,
             trackers=trackers,
+            compiled=compiled.enabled,
         )
-        wall = _fit(trainer, resume, total_steps, cfg, seq_len)
+        with compiled_layers(model) if compiled.enabled else contextlib.nullcontext():
+            wall = _fit(trainer, resume, total_steps, cfg, seq_len)
         restored = evaluation.restore_best()  # the budget stopped the run: the best in-budget adapter
         if restored and state.stopped:
             state.stopped = f"{state.stopped}; {restored}"
@@ -291,6 +304,7 @@ def _train(
 
     # -- summary and report ----------------------------------------------------------------------------
     result = _result(run, state, step, tokens, tokens - trainer.tokens_start, wall, before, after)
+    result.compiled = compiled.enabled
     if tokens > trainer.tokens_start:  # MFU of this session's training (lora_dapt.train.flops)
         from .flops import run_utilisation
 
@@ -485,6 +499,14 @@ def _fit(
     except torch.OutOfMemoryError as e:
         raise TrainingError(_oom_advice(cfg, seq_len, e)) from None
     return time.time() - t0
+
+
+def _evaluator(evaluation: RunEvaluation, eval_cfg: EvalConfig, *, compiled: bool) -> Evaluator | None:
+    """The evaluation during training (None when eval is off); eager inside a compiled run, so that it
+    compiles nothing of its own."""
+    if not eval_cfg.enabled:
+        return None
+    return eager(evaluation.during) if compiled else evaluation.during
 
 
 def _oom_advice(cfg: TrainConfig, seq_len: int, err: Exception) -> str:

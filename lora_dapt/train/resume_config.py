@@ -116,6 +116,7 @@ RESUME_RULES: dict[str, frozenset[str]] = {
             "data.cache_dir",
             "train.max_grad_norm",
             "train.precision",
+            "train.compile",
             "train.logging_every",
             "train.save_every",
             "train.eval_every",

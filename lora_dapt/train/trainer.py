@@ -94,7 +94,7 @@ class DAPTTrainer(Trainer):
 
     Args (beyond the Trainer's): ``train_config`` (our TrainConfig), ``run`` (where rows are logged),
     ``run_state`` (shared with the callbacks), ``tokens_start`` (tokens trained before this session, for
-    tokens/s when resuming).
+    tokens/s when resuming), ``compiled`` (train.compile chose on: the loss's head chunks are compiled too).
     """
 
     def __init__(
@@ -104,9 +104,11 @@ class DAPTTrainer(Trainer):
         run: RunDir,
         run_state: RunState,
         tokens_start: int = 0,
+        compiled: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.compiled = compiled
         self.train_config = train_config
         self.run = run
         self.run_state = run_state
@@ -120,7 +122,11 @@ class DAPTTrainer(Trainer):
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         with loss_autocast(model, dtype, inputs["input_ids"].device.type):
             loss_sum, n = causal_lm_loss_sum(
-                model, inputs["input_ids"], inputs["labels"], inputs.get("position_ids")
+                model,
+                inputs["input_ids"],
+                inputs["labels"],
+                inputs.get("position_ids"),
+                compiled_head=self.compiled and model.training,
             )
         world = self.accelerator.num_processes
         if model.training:  # tokens trained by every rank together
@@ -328,10 +334,12 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     tokens_start: int = 0,
     trackers: Trackers | None = None,
+    compiled: bool = False,
 ) -> DAPTTrainer:
     """A :class:`DAPTTrainer` for one run: checkpoints in ``run.checkpoints_dir``, our callbacks first (then
     ``callbacks``), our progress bar instead of the Trainer's; ``train.report_to`` / ``run_name`` go to the
-    Trainer, whose tracker callbacks ``trackers`` may replace (:meth:`Trackers.trainer_callbacks`)."""
+    Trainer, whose tracker callbacks ``trackers`` may replace (:meth:`Trackers.trainer_callbacks`); ``compiled``:
+    the loss's head chunks run compiled (the layers are compiled by :func:`~lora_dapt.train.compile.compiled_layers`)."""
     use_cpu = next(model.parameters()).device.type != "cuda"
     args = TrainingArguments(
         output_dir=str(run.checkpoints_dir),
@@ -368,6 +376,7 @@ def build_trainer(
         run=run,
         run_state=state,
         tokens_start=tokens_start,
+        compiled=compiled,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
