@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import logging
 import sys
 import time
@@ -150,8 +151,8 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
 
     compiled = args.compile == "on"
-    if compiled:
-        compiled_layers(model).__enter__()  # for the rest of the process
+    layers = compiled_layers(model) if compiled else contextlib.nullcontext()
+    layers.__enter__()  # for the rest of the process (kept referenced: collected, it would undo the compile)
     for inputs in batches[:2]:
         step(inputs)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:

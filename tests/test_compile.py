@@ -98,12 +98,18 @@ def test_compiled_head_chunks_equal_the_eager_loss_and_gradients(tiny_model_dir,
 
     n, eager_loss, eager = loss_and_grads(False)
     assert n > 64 and n % 32  # several full chunks and a remainder
+    counters.clear()
     m, compiled_loss, compiled = loss_and_grads(True)
     assert m == n and compiled_loss == pytest.approx(eager_loss, rel=1e-6)
     assert compiled.keys() == eager.keys() and len(eager) > 4
     for k in eager:
         assert eager[k].abs().max() > 0, k
         torch.testing.assert_close(compiled[k], eager[k], atol=1e-6, rtol=1e-5)
+    # another remainder: the full chunks' graph serves again; the remainder runs eagerly, not recompiled
+    batch = {k: torch.tensor(ds[:1][k]) for k in ("input_ids", "labels", "position_ids")}
+    other, _, _ = loss_and_grads(True)
+    assert other % 32 != n % 32
+    assert counters["stats"]["unique_graphs"] <= 1  # 0 when an earlier test compiled this shape already
 
 
 def test_compiled_run_trains_as_the_eager_run(tiny_model_dir, tmp_path, caplog):

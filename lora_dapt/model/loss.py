@@ -85,7 +85,7 @@ def _head_chunk(
 
 @functools.cache
 def _compiled_head_chunk() -> Any:
-    # one compile per process; chunks have two shapes (full and the remainder), so no dynamic shapes
+    # one compile per full-chunk shape (the remainder runs eagerly), so no dynamic shapes
     return torch.compile(_head_chunk, dynamic=False)
 
 
@@ -104,9 +104,12 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if need_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
         if compiled and need_grad:
-            fused = _compiled_head_chunk()
+            # full chunks through the compiled function (one shape: one compile); the remainder, whose size
+            # changes with every batch, eagerly (a shape per size would recompile without end)
+            fused, full = _compiled_head_chunk(), hidden.shape[0] // chunk * chunk
             for i in range(0, hidden.shape[0], chunk):
-                nll, grad[i : i + chunk] = fused(hidden[i : i + chunk], weight, bias, targets[i : i + chunk])
+                run = fused if i < full else _head_chunk
+                nll, grad[i : i + chunk] = run(hidden[i : i + chunk], weight, bias, targets[i : i + chunk])
                 total += nll
             ctx.save_for_backward(grad)
             return total
