@@ -329,7 +329,7 @@ def main() -> None:
         r = run_size(name, cfg, device, seq, args.batch, steps, peak, compiled=compiled)
         rows.append(r)
         print(
-            f"  {name}: {r['tok_s']:.0f} tok/s, {time.perf_counter() - t:.0f} s, loss {r['loss']:.2f}",
+            f"  {r['name']}: {r['tok_s']:.0f} tok/s, {time.perf_counter() - t:.0f} s, loss {r['loss']:.2f}",
             flush=True,
         )
     print()

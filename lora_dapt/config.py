@@ -308,7 +308,7 @@ class TrainConfig(Section):
     'fp16' (autocast with loss scaling, CUDA only) or 'fp32'. The LoRA weights stay fp32 either way."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile the decoder layers and the loss for training (evaluations stay eager). 'auto': on the CPU
-    when the run is long enough to repay the compile (about half a minute once; SmolLM2 steps ~1.5x faster
+    when the run is long enough to repay the compile (about half a minute once; SmolLM2 steps ~1.3x faster
     here, BENCHMARKS.md), with a working C++ compiler; off on CUDA, where it was not measured (true tries it)."""
     logging_every: int = 1
     """Write a metrics row every this many optimizer steps."""

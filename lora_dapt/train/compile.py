@@ -3,15 +3,16 @@
 What gets compiled (regional compilation, for training only):
 
 * each decoder layer's ``forward`` (:func:`compiled_layers`). Every layer of a model runs the same code, so
-  one or two graphs serve them all: about half a minute once on 2 CPU cores, and inductor caches the result
-  on disk for the next run. Per-document attention stays eager (its loop over documents has a shape per
-  document); what gets fused is RMSNorm's casts, rotary embeddings, the residual adds, SiLU x up and peft's
-  copies around the 4-bit matmuls;
+  a few graphs serve them all (before and after the eager attention; blocks with and without a document
+  boundary): about half a minute once on 2 CPU cores, and inductor caches them on disk for the next run.
+  Per-document attention stays eager (its loop over documents has a shape per document); what gets fused
+  is RMSNorm's casts, rotary embeddings, the residual adds, SiLU x up and peft's copies around the 4-bit
+  matmuls;
 * each chunk of the frozen head's loss (``causal_lm_loss_sum(..., compiled_head=True)``): log-softmax, exp,
   one-hot and casts in one pass over the logits.
 
 Evaluations during training run eagerly (:func:`eager`), so they compile nothing, and the layers are eager
-again once training ends. On this 2-core CPU a SmolLM2-135M QLoRA step runs about 1.5x faster compiled
+again once training ends. On this 2-core CPU a SmolLM2-135M QLoRA step runs about 1.3x faster compiled
 (BENCHMARKS.md); the compile costs about 30 s the first time, so ``auto`` compiles only runs estimated at
 :data:`MIN_TRAIN_S` or more. On CUDA ``auto`` stays eager: it was not measured there (``true`` tries it).
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,11 +29,9 @@ import torch
 
 from ..errors import ConfigError
 
-log = logging.getLogger("lora_dapt")
-
 MIN_TRAIN_S = 300.0
 """'auto' compiles runs whose eager training is estimated at this many seconds or more (the compile costs
-about 30 s once; steps ~1.5x faster repay it within the first minute or two of a SmolLM2 run here)."""
+about 30 s once; steps ~1.3x faster repay it within the first two minutes of a SmolLM2 run here)."""
 
 EAGER_MFU = 0.15
 """The model FLOPs utilisation assumed for the estimate: what eager QLoRA training reaches on this CPU

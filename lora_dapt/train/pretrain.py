@@ -39,7 +39,7 @@ from ..model.load import ModelSource
 from ..model.vocab import embedding_layers_to_save
 from ..rundir import Resume, RunDir
 from . import distributed
-from .compile import choose_for_run, compiled_layers, eager
+from .compile import CompileChoice, choose_for_run, compiled_layers, eager
 from .evaluation import RunEvaluation, run_general_texts
 from .resume_config import (
     ApplyCurrentSchedule,
@@ -264,12 +264,7 @@ def _train(
         # -- fit ---------------------------------------------------------------------------------------
         state.phase = "training"
         steps_left = total_steps - (resume.step if resume else 0)
-        glob = distributed.global_batch(cfg.batch_size, cfg.gradient_accumulation_steps, world)
-        compiled = choose_for_run(
-            cfg.compile, model, train_ds, steps_left * glob * seq_len, source.compute_dtype
-        )
-        if distributed.is_main():
-            log.info(compiled.reason)
+        compiled = _compile_choice(model, train_ds, cfg, seq_len, steps_left, source.compute_dtype)
         trainer = build_trainer(
             model,
             train_ds,
@@ -499,6 +494,20 @@ def _fit(
     except torch.OutOfMemoryError as e:
         raise TrainingError(_oom_advice(cfg, seq_len, e)) from None
     return time.time() - t0
+
+
+def _compile_choice(
+    model: Any, train_ds: Any, cfg: TrainConfig, seq_len: int, steps: int, compute_dtype: str | None
+) -> CompileChoice:
+    """train.compile for this session's ``steps`` optimizer steps (every rank decides alike; rank 0 logs)."""
+    world = distributed.world_size()
+    tokens = (
+        steps * distributed.global_batch(cfg.batch_size, cfg.gradient_accumulation_steps, world) * seq_len
+    )
+    choice = choose_for_run(cfg.compile, model, train_ds, tokens, compute_dtype)
+    if distributed.is_main():
+        log.info(choice.reason)
+    return choice
 
 
 def _evaluator(evaluation: RunEvaluation, eval_cfg: EvalConfig, *, compiled: bool) -> Evaluator | None:
