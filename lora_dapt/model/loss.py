@@ -72,11 +72,29 @@ def _supports_hidden_state_loss(base: Any) -> bool:
     return True
 
 
+def _head_chunk_eager(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed NLL, gradient w.r.t. ``hidden`` or None) of one chunk of the frozen head's loss, eagerly: the
+    softmax and the one-hot subtraction in place on the chunk's fp32 log-probabilities."""
+    logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
+    nll = -logp.gather(1, targets[:, None]).sum()
+    if not need_grad:
+        return nll, None
+    logp.exp_()  # softmax, in place
+    logp[torch.arange(len(targets), device=targets.device), targets] -= 1
+    return nll, logp.to(weight.dtype) @ weight
+
+
 def _head_chunk(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed NLL, gradient w.r.t. ``hidden``) of one chunk of the frozen head's loss, in one function so that
-    torch.compile fuses its log-softmax, exp, one-hot and casts into one pass over the logits."""
+    """:func:`_head_chunk_eager` with the gradient, written for torch.compile (no in-place updates), which fuses
+    its log-softmax, exp, one-hot and casts into one pass over the logits."""
     logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
     nll = -logp.gather(1, targets[:, None]).sum()
     probs = logp.exp() - F.one_hot(targets, logp.shape[-1]).to(logp.dtype)
@@ -103,25 +121,19 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(hidden) if need_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
-        if compiled and need_grad:
-            # full chunks through the compiled function (one shape: one compile); the remainder, whose size
-            # changes with every batch, eagerly (a shape per size would recompile without end)
-            fused, full = _compiled_head_chunk(), hidden.shape[0] // chunk * chunk
-            for i in range(0, hidden.shape[0], chunk):
-                run = fused if i < full else _head_chunk
-                nll, grad[i : i + chunk] = run(hidden[i : i + chunk], weight, bias, targets[i : i + chunk])
-                total += nll
-            ctx.save_for_backward(grad)
-            return total
+        # compiled: full chunks through the compiled function (one shape: one compile); the remainder, whose
+        # size changes with every batch, eagerly (a shape per size would recompile without end)
+        fused = _compiled_head_chunk() if compiled and need_grad else None
+        full = hidden.shape[0] // chunk * chunk
         for i in range(0, hidden.shape[0], chunk):
-            y = targets[i : i + chunk]
-            logp = torch.log_softmax(F.linear(hidden[i : i + chunk], weight, bias).float(), dim=-1)
-            total -= logp.gather(1, y[:, None]).sum()
+            h, y = hidden[i : i + chunk], targets[i : i + chunk]
+            if fused is not None and i < full:
+                nll, g = fused(h, weight, bias, y)
+            else:
+                nll, g = _head_chunk_eager(h, weight, bias, y, need_grad)
+            total += nll
             if need_grad:
-                logp.exp_()  # softmax, in place
-                logp[torch.arange(len(y), device=y.device), y] -= 1
-                grad[i : i + chunk] = logp.to(weight.dtype) @ weight
-            del logp
+                grad[i : i + chunk] = g
         ctx.save_for_backward(grad)
         return total
 
